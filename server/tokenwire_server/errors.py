@@ -1,0 +1,30 @@
+"""Domain exceptions. The api layer maps each to one gRPC status, in one place."""
+
+
+class TokenwireError(Exception):
+    """Base class of every error tokenwire raises on purpose."""
+
+
+class InvalidArgument(TokenwireError, ValueError):
+    """A request field has a value the server cannot accept."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.description = message
+
+
+class CheckpointError(TokenwireError):
+    """A checkpoint is missing, corrupt, truncated or of an unsupported kind."""
+
+    def __init__(self, path, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = str(path)
+
+
+class ModelNotFound(TokenwireError):
+    """A --model value is neither a registry name nor a path that exists."""
+
+
+class RegistryUnavailable(TokenwireError):
+    """The package registry holding a model could not be reached."""

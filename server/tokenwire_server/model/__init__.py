@@ -1,0 +1,1 @@
+"""Torch transformer models and the checkpoint loaders that fill them."""

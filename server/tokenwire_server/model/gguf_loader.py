@@ -1,0 +1,108 @@
+"""GGUF checkpoints (llama.cpp's format): config from metadata, weights dequantized at load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from ..errors import CheckpointError
+from ..checkpoint_files import metadata
+from ..progress import progress
+from .config import ModelConfig
+
+# Types checked against the reference; gguf.quants dequantizes others as well.
+TENSOR_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+
+_LAYER_NAMES = {
+    "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
+    "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+}
+_TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+
+
+def read_config(reader: GGUFReader, path: Path) -> ModelConfig:
+    arch = metadata(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(path, f"GGUF architecture {arch!r} is not supported (supported: llama)")
+
+    def need(key):
+        value = metadata(reader, f"llama.{key}")
+        if value is None:
+            raise CheckpointError(path, f"GGUF metadata llama.{key} is missing")
+        return value
+
+    n_heads = need("attention.head_count")
+    tensors = {t.name: t for t in reader.tensors}
+    embd = tensors.get("token_embd.weight")
+    if embd is None:
+        raise CheckpointError(path, "tensor token_embd.weight is missing")
+    factors = None
+    if "rope_freqs.weight" in tensors:
+        factors = tuple(float(x) for x in _dequantize(tensors["rope_freqs.weight"], path))
+    scaling = None
+    if metadata(reader, "llama.rope.scaling.type") == "linear":
+        scaling = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
+    dim = need("embedding_length")
+    return ModelConfig(
+        architecture="llama",
+        vocab_size=int(embd.shape[1]),
+        dim=dim,
+        n_layers=need("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=metadata(reader, "llama.attention.head_count_kv", n_heads),
+        hidden_dim=need("feed_forward_length"),
+        max_seq_len=need("context_length"),
+        norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        head_dim=metadata(reader, "llama.attention.key_length", dim // n_heads),
+        tie_embeddings="output.weight" not in tensors,
+        rope_theta=float(metadata(reader, "llama.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        rope_freq_factors=factors,
+        name=metadata(reader, "general.name", path.stem),
+    )
+
+
+def _dequantize(tensor, path: Path) -> np.ndarray:
+    kind = GGMLQuantizationType(tensor.tensor_type).name
+    if kind not in TENSOR_TYPES:
+        raise CheckpointError(path, f"tensor {tensor.name} has unsupported type {kind}")
+    try:
+        return dequantize(tensor.data, tensor.tensor_type)  # numpy order: (out, in)
+    except Exception as e:
+        raise CheckpointError(path, f"tensor {tensor.name} ({kind}) cannot be read: {e}") from None
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp stores Q and K rows permuted for rotary on interleaved pairs; restore the
+    reference layout (rotary on halves) so one model serves GGUF and safetensors alike."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_weights(reader: GGUFReader, config: ModelConfig, path: Path,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor dequantized to `dtype`, under the model's parameter names."""
+    weights = {}
+    for t in progress(reader.tensors, len(reader.tensors), f"loading {path.name}"):
+        if t.name == "rope_freqs.weight":
+            continue  # folded into the config
+        parts = t.name.split(".")
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
+            name = f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+        elif len(parts) == 2 and parts[0] in _TOP_NAMES:
+            name = f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
+        else:
+            raise CheckpointError(path, f"unexpected tensor {t.name}")
+        w = _dequantize(t, path)
+        if parts[-2:-1] == ["attn_q"]:
+            w = _unpermute(w, config.n_heads)
+        elif parts[-2:-1] == ["attn_k"]:
+            w = _unpermute(w, config.n_kv_heads)
+        weights[name] = torch.from_numpy(np.require(w, requirements=["C", "W"])).to(dtype)
+    return weights

@@ -1,0 +1,72 @@
+"""load_model: a checkpoint path in, a ready nn.Module (with .config) out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..checkpoint_files import open_gguf
+from . import gguf_loader, safetensors_loader
+from .config import ModelConfig
+from .gpt2 import GPT2
+from .llama import Llama
+
+GGUF_MAGIC = b"GGUF"
+
+
+def checkpoint_kind(path: Path) -> str:
+    """'gguf' for a GGUF file, 'hf' for a Hugging Face model directory."""
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(path, "directory has no config.json (expected a Hugging Face model)")
+        return "hf"
+    if not path.is_file():
+        raise CheckpointError(path, "no such file or directory")
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise CheckpointError(path, "not a GGUF file (bad magic) and not a model directory")
+    return "gguf"
+
+
+def read_config(path: Path) -> ModelConfig:
+    if checkpoint_kind(path) == "hf":
+        return safetensors_loader.read_config(path)
+    return gguf_loader.read_config(open_gguf(path), path)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> nn.Module:
+    path = Path(path)
+    if checkpoint_kind(path) == "hf":
+        config = safetensors_loader.read_config(path)
+        weights = safetensors_loader.read_weights(path, config, dtype)
+    else:
+        reader = open_gguf(path)
+        config = gguf_loader.read_config(reader, path)
+        weights = gguf_loader.read_weights(reader, config, path, dtype)
+    model = build_model(config, weights, path)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    """Make the module without allocating, check every tensor's name and shape, then assign."""
+    cls = Llama if config.architecture == "llama" else GPT2
+    with torch.device("meta"):
+        model = cls(config)
+    model.tie_weights()
+    expected = {name: p.shape for name, p in model.named_parameters()}  # tied head listed once
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(path, f"tensors do not match a {config.architecture} model: "
+                                    f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, w in weights.items():
+        if w.shape != expected[name]:
+            raise CheckpointError(path, f"tensor {name} has shape {tuple(w.shape)}, "
+                                        f"expected {tuple(expected[name])}")
+    model.load_state_dict(weights, strict=False, assign=True)
+    model.tie_weights()  # assign replaced the embedding; point the head at it again
+    return model
