@@ -38,13 +38,14 @@ def read_config(path: Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> nn.Module:
+               device: str | torch.device = "cpu", reader=None) -> nn.Module:
+    """reader: an already opened GGUFReader of `path`, to avoid indexing the file twice."""
     path = Path(path)
     if checkpoint_kind(path) == "hf":
         config = safetensors_loader.read_config(path)
         weights = safetensors_loader.read_weights(path, config, dtype)
     else:
-        reader = open_gguf(path)
+        reader = reader or open_gguf(path)
         config = gguf_loader.read_config(reader, path)
         weights = gguf_loader.read_weights(reader, config, path, dtype)
     model = build_model(config, weights, path)

@@ -1,0 +1,48 @@
+"""Sampler: picks the next token of every row of a batch in one pass, each row with its own
+temperature, top-k, top-p, min-p and random generator."""
+
+from __future__ import annotations
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> torch.Tensor:
+        """logits (B, V) float32 -> token ids (B,)."""
+        greedy = logits.argmax(dim=-1)
+        if all(p.greedy for p in params):
+            return greedy  # fast path: no sorting, no randomness
+        device = logits.device
+        temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        probs = torch.softmax(logits / temperature[:, None], dim=-1)
+        probs = self._filter(probs, params)
+        # Exponential race: argmax(p / q) with q ~ Exp(1) draws from p, and lets every row
+        # use its own generator without a multinomial call per row.
+        q = torch.empty_like(probs)
+        for row, gen in enumerate(generators):
+            q[row].exponential_(generator=gen)
+        sampled = (probs / q).argmax(dim=-1)
+        is_greedy = torch.tensor([p.greedy for p in params], device=device)
+        return torch.where(is_greedy, greedy, sampled)
+
+    @staticmethod
+    def _filter(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Zero the probabilities top-k, top-p and min-p exclude (the top token always stays)."""
+        device, V = probs.device, probs.shape[-1]
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        if (top_k >= V).all() and (top_p >= 1).all() and (min_p <= 0).all():
+            return probs
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        rank = torch.arange(V, device=device)
+        drop = rank[None, :] >= top_k[:, None]
+        # top-p: keep the smallest prefix whose mass reaches top_p (mass before a token < top_p).
+        drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
+        drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
+        drop[:, 0] = False
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)

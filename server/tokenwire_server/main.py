@@ -1,0 +1,90 @@
+"""The tokenwire-server command: pull models, generate locally, serve over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import registry
+from .errors import TokenwireError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=registry.DEFAULT_MODEL,
+                   help="registry name, path to a .gguf file, or a Hugging Face model directory "
+                        f"(default: {registry.DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (auto: CUDA when present)")
+
+
+def load_engine(args):
+    from .engine import LLMEngine  # torch is imported only by commands that need it
+
+    return LLMEngine.from_checkpoint(registry.resolve(args.model), dtype=args.dtype, device=args.device,
+                                     name=args.model if args.model in registry.REGISTRY else "")
+
+
+def cmd_pull(args) -> None:
+    registry.pull(args.name)
+
+
+def cmd_generate(args) -> None:
+    from .engine import SamplingParams
+
+    engine = load_engine(args)
+    tok = engine.tokenizer
+    if args.chat:
+        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]),
+                            allow_special=True)
+    else:
+        prompt = tok.encode(args.prompt)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            min_p=args.min_p, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    detok = tok.detokenizer()
+    for step in engine.generate(prompt, params):
+        if step.token_id not in tok.special_ids:
+            sys.stdout.write(detok.push(step.token_id))
+            sys.stdout.flush()
+        reason = step.finish_reason
+    sys.stdout.write(detok.flush() + "\n")
+    print(f"[finish: {reason.value}, seed: {params.seed}]", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenwire-server", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="fetch a registry model into the model cache ($TOKENWIRE_HOME)")
+    p.add_argument("name", choices=sorted(registry.REGISTRY))
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("generate", help="generate from a prompt in this process (no server)")
+    p.add_argument("prompt")
+    add_model_args(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except TokenwireError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

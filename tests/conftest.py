@@ -1,0 +1,42 @@
+"""Session fixtures: the default model is fetched and loaded once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenwire_server import registry
+
+
+@pytest.fixture(scope="session")
+def model_path():
+    """The default model's GGUF in the model cache, pulled on first use."""
+    return registry.pull(registry.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def engine(model_path):
+    from tokenwire_server.engine import LLMEngine
+
+    return LLMEngine.from_checkpoint(model_path, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(engine):
+    return engine.tokenizer
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path):
+    """transformers' own reading of the same GGUF: the numerics reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
