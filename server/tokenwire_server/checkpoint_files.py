@@ -15,7 +15,7 @@ def open_gguf(path: Path) -> GGUFReader:
     try:
         return GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, ... on damaged files
-        raise CheckpointError(path, f"not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise CheckpointError(path, f"not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from None
 
 
 def metadata(reader: GGUFReader, key: str, default=None):

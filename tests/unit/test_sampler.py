@@ -1,0 +1,88 @@
+"""The sampler's filters and randomness, the stopping rules and parameter validation."""
+
+import pytest
+import torch
+
+from tokenwire_server.engine import FinishReason, SamplingParams
+from tokenwire_server.engine.sampler import Sampler
+from tokenwire_server.engine.stopping import StoppingCriteria
+from tokenwire_server.errors import InvalidArgument
+
+PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
+LOGITS = PROBS.log()
+
+
+def draw(params: SamplingParams, n=4000, logits=LOGITS, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batch = logits.expand(n, -1).clone()
+    return Sampler()(batch, [params] * n, [gen] * n)
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(8, 100)
+    assert torch.equal(Sampler()(logits, [SamplingParams(temperature=0)] * 8, [None] * 8), logits.argmax(-1))
+
+
+def test_temperature_one_follows_the_distribution():
+    counts = torch.bincount(draw(SamplingParams(temperature=1.0), n=20000), minlength=4) / 20000
+    torch.testing.assert_close(counts, PROBS, atol=0.015, rtol=0)
+
+
+def test_temperature_sharpens_and_flattens():
+    cold = torch.bincount(draw(SamplingParams(temperature=0.25)), minlength=4) / 4000
+    hot = torch.bincount(draw(SamplingParams(temperature=4.0)), minlength=4) / 4000
+    assert cold[0] > 0.85 and hot[0] < 0.4 and hot[3] > 0.1
+
+
+@pytest.mark.parametrize("params, allowed", [
+    (SamplingParams(top_k=2), {0, 1}),
+    (SamplingParams(top_k=1), {0}),
+    (SamplingParams(top_p=0.8), {0, 1}),  # 0.5 + 0.3 reaches 0.8: token 2 is cut
+    (SamplingParams(top_p=0.81), {0, 1, 2}),
+    (SamplingParams(top_p=0.1), {0}),  # the top token always stays
+    (SamplingParams(min_p=0.5), {0, 1}),  # p >= 0.5 * 0.5
+    (SamplingParams(min_p=0.2), {0, 1, 2}),
+    (SamplingParams(top_k=3, top_p=0.6), {0, 1}),
+])
+def test_filters_keep_exactly_the_allowed_tokens(params, allowed):
+    assert set(draw(params).tolist()) == allowed
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    params = SamplingParams(temperature=1.0, seed=7)
+    logits = torch.randn(1, 1000)
+    alone = int(Sampler()(logits, [params], [torch.Generator().manual_seed(7)]))
+    others = torch.randn(2, 1000)
+    batch = torch.cat([others[:1], logits, others[1:]])
+    gens = [torch.Generator().manual_seed(s) for s in (1, 7, 3)]
+    mixed = Sampler()(batch, [SamplingParams(temperature=0.7), params, SamplingParams(temperature=0)], gens)
+    assert int(mixed[1]) == alone
+    assert int(mixed[2]) == int(others[1].argmax())
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(min_p=-0.1), "min_p"), (dict(min_p=1.1), "min_p"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(seed=-1), "seed"),
+])
+def test_validation_names_the_field(kwargs, field):
+    with pytest.raises(InvalidArgument) as e:
+        SamplingParams(**kwargs).validate()
+    assert e.value.field == field
+
+
+def test_server_limit_on_max_new_tokens():
+    with pytest.raises(InvalidArgument, match="server limit"):
+        SamplingParams(max_new_tokens=5000).validate(max_new_tokens_limit=4096)
+
+
+def test_stopping_rules():
+    stop = StoppingCriteria(SamplingParams(max_new_tokens=5, stop_token_ids=[42]), (2,), prompt_len=10,
+                            context_len=100)
+    assert stop(7, 1) is None
+    assert stop(2, 1) is FinishReason.EOS
+    assert stop(42, 1) is FinishReason.STOP_TOKEN
+    assert stop(7, 5) is FinishReason.LENGTH
+    assert StoppingCriteria(SamplingParams(ignore_eos=True), (2,), 10, 100)(2, 1) is None
+    assert StoppingCriteria(SamplingParams(max_new_tokens=50), (2,), 95, 100)(7, 5) is FinishReason.CONTEXT_LIMIT
