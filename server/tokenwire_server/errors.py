@@ -8,6 +8,8 @@ class TokenwireError(Exception):
 class InvalidArgument(TokenwireError, ValueError):
     """A request field has a value the server cannot accept."""
 
+    expected = True  # the client's mistake: not logged as a server fault
+
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
@@ -28,3 +30,15 @@ class ModelNotFound(TokenwireError):
 
 class RegistryUnavailable(TokenwireError):
     """The package registry holding a model could not be reached."""
+
+
+class EngineUnavailable(TokenwireError):
+    """The engine is not serving (still loading, or shutting down)."""
+
+    expected = True
+
+
+class DeadlineExceeded(TokenwireError):
+    """The request's deadline passed before its work was done."""
+
+    expected = True

@@ -52,6 +52,18 @@ def cmd_generate(args) -> None:
     print(f"[finish: {reason.value}, seed: {params.seed}]", file=sys.stderr)
 
 
+def cmd_serve(args) -> None:
+    import asyncio
+
+    from .limits import Limits
+    from .server import serve
+
+    limits = Limits(max_new_tokens=args.max_new_tokens_limit, default_max_new_tokens=args.default_max_new_tokens)
+    asyncio.run(serve(registry.resolve(args.model), host=args.host, port=args.port, dtype=args.dtype,
+                      device=args.device, name=args.model if args.model in registry.REGISTRY else "",
+                      limits=limits, max_model_len=args.max_model_len))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenwire-server", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -60,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", help="fetch a registry model into the model cache ($TOKENWIRE_HOME)")
     p.add_argument("name", choices=sorted(registry.REGISTRY))
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("serve", help="serve a model over gRPC")
+    add_model_args(p)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--max-model-len", type=int, help="cap the context below the model's (tokens)")
+    p.add_argument("--max-new-tokens-limit", type=int, default=4096, help="largest max_new_tokens a request may ask")
+    p.add_argument("--default-max-new-tokens", type=int, default=256, help="max_new_tokens when a request sets none")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate from a prompt in this process (no server)")
     p.add_argument("prompt")

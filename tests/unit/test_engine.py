@@ -40,9 +40,9 @@ def test_finish_reasons(engine, tokenizer):
 def test_logprobs_are_the_models(engine, tokenizer):
     prompt = tokenizer.encode("The sun rises in the")
     steps = list(engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True)))
-    scored = engine.prompt_logprobs(prompt + [s.token_id for s in steps])[len(prompt) - 1:]
-    assert [s.logprob for s in steps] == pytest.approx(scored, abs=1e-4)
-    assert all(lp <= 0 for lp in scored)
+    scored = engine.score(prompt + [s.token_id for s in steps], start=len(prompt))
+    assert [s.logprob for s in steps] == pytest.approx([t.logprob for t in scored.tokens], abs=1e-4)
+    assert all(t.logprob <= 0 for t in scored.tokens) and scored.is_greedy
 
 
 @pytest.mark.parametrize("prompt, match", [
@@ -56,5 +56,5 @@ def test_bad_prompts(engine, prompt, match):
 
 def test_prompt_longer_than_context(engine):
     small = LLMEngine(engine.runner, engine.tokenizer, max_model_len=8)
-    with pytest.raises(InvalidArgument, match="no room"):
+    with pytest.raises(InvalidArgument, match="exceed the model's context of 8 with room to generate"):
         list(small.generate(list(range(100, 108)), SamplingParams()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,10 +14,12 @@ from ..checkpoint_files import open_gguf
 from ..errors import InvalidArgument
 from ..model.loader import checkpoint_kind, load_model
 from ..tokenizer import Tokenizer
+from .logprobs import TokenLogprob, token_logprobs
 from .model_runner import ModelRunner
-from .outputs import GeneratedToken
+from .outputs import GeneratedToken, ScoreOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
+from .sequence import Sequence
 from .stopping import StoppingCriteria
 
 log = logging.getLogger(__name__)
@@ -65,44 +68,68 @@ class LLMEngine:
         log.info("loaded %s: %s, %s on %s", path, model.config.architecture, torch_dtype, dev)
         return cls(ModelRunner(model, dev, torch_dtype), tokenizer, name or path.stem, max_model_len)
 
-    def check_prompt(self, token_ids: list[int], field: str = "prompt") -> None:
+    def check_prompt(self, token_ids: list[int], field: str = "prompt", generating: bool = True) -> None:
         if not token_ids:
             raise InvalidArgument(field, "is empty")
         vocab = self.config.vocab_size
         bad = next((t for t in token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidArgument(field, f"token id {bad} is outside the vocabulary [0, {vocab})")
-        if len(token_ids) >= self.context_len:
-            raise InvalidArgument(field, f"{len(token_ids)} tokens leave no room to generate in the "
-                                         f"model's context of {self.context_len}")
+        limit = self.context_len - 1 if generating else self.context_len  # room for one new token
+        if len(token_ids) > limit:
+            raise InvalidArgument(field, f"{len(token_ids)} tokens exceed the model's context of "
+                                         f"{self.context_len}" + (" with room to generate" if generating else "")
+                                         + "; truncate the input (truncate_input_tokens keeps the last N)")
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
         """Yield the generated tokens one by one; the last one carries the finish reason."""
-        self.check_prompt(prompt_ids)
-        params.validate()
+        return self.run(Sequence(prompt_ids, params))
+
+    def run(self, seq: Sequence) -> Iterator[GeneratedToken]:
+        """Generate for `seq`, recording its outputs on it. Closing the iterator early stops
+        the work and frees the sequence's cache."""
+        params, prompt = seq.params, seq.prompt_ids
+        self.check_prompt(prompt)
+        params.validate(vocab_size=self.config.vocab_size)
         if params.seed is None:
             params.seed = random.randrange(2**63)  # reported back, so the output can be replayed
         generator = None
         if not params.greedy:
             generator = torch.Generator(self.runner.device).manual_seed(params.seed)
-        stop = StoppingCriteria(params, self.tokenizer.eos_ids, len(prompt_ids), self.context_len)
-        max_len = min(self.context_len, len(prompt_ids) + params.max_new_tokens)
-        cache = self.runner.new_cache(1, max_len)
-        logits = self.runner.prefill(cache, prompt_ids)[None]
-        position, n = len(prompt_ids), 0
+        stop = StoppingCriteria(params, self.tokenizer.eos_ids, len(prompt), self.context_len)
+        cache = self.runner.new_cache(1, min(self.context_len, len(prompt) + params.max_new_tokens))
+        seq.started = time.monotonic()
+        logits = self.runner.prefill(cache, prompt, all_logits=params.prompt_logprobs)
+        if params.prompt_logprobs:
+            seq.prompt_logprobs = token_logprobs(logits[:-1], torch.tensor(prompt[1:], device=logits.device),
+                                                 params.ranks, params.top_n)
+            logits = logits[-1]
+        logits = logits[None]
+        detail = params.ranks or params.top_n
         while True:
-            token = int(self.sampler(logits, [params], [generator])[0])
-            logprob = float(torch.log_softmax(logits[0], dim=-1)[token])
-            n += 1
-            reason = stop(token, n)
-            yield GeneratedToken(token, logprob, reason)
+            token_t = self.sampler(logits, [params], [generator])
+            if detail:
+                info = token_logprobs(logits, token_t, params.ranks, params.top_n)[0]
+            else:
+                token = int(token_t[0])
+                info = TokenLogprob(token, float(torch.log_softmax(logits[0], dim=-1)[token]))
+            seq.output_ids.append(info.token_id)
+            if seq.first_token is None:
+                seq.first_token = time.monotonic()
+            reason = stop(info.token_id, len(seq.output_ids))
+            yield GeneratedToken(info, reason)
             if reason is not None:
+                seq.finish_reason = reason
                 return
-            logits = self.runner.decode(cache, [token], [position])
-            position += 1
+            logits = self.runner.decode(cache, [info.token_id], [len(prompt) + len(seq.output_ids) - 1])
 
-    def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
-        """Log-probability of each token after the first given the tokens before it."""
-        self.check_prompt(token_ids)
-        logp = torch.log_softmax(self.runner.logits(token_ids)[:-1], dim=-1)
-        return logp.gather(-1, torch.tensor(token_ids[1:], device=logp.device)[:, None])[:, 0].tolist()
+    def score(self, token_ids: list[int], start: int = 1, ranks: bool = False, top_n: int = 0,
+              field: str = "prompt") -> ScoreOutput:
+        """Logprobs of token_ids[start:], each given the tokens before it."""
+        self.check_prompt(token_ids, field, generating=False)
+        if not 1 <= start < len(token_ids):
+            raise InvalidArgument(field, "needs at least one token to score after its first")
+        logits = self.runner.logits(token_ids)[start - 1:-1]
+        targets = torch.tensor(token_ids[start:], device=logits.device)
+        tokens = token_logprobs(logits, targets, ranks, top_n)
+        return ScoreOutput(tokens, bool((logits.argmax(-1) == targets).all()))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -12,6 +14,7 @@ class ModelRunner:
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype):
         self.model, self.device, self.dtype = model, device, dtype
         self.config = model.config
+        self._caches: weakref.WeakSet[KVCache] = weakref.WeakSet()
 
     @property
     def n_params(self) -> int:
@@ -19,14 +22,23 @@ class ModelRunner:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
-        return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, self.dtype, self.device)
+        cache = KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, self.dtype, self.device)
+        self._caches.add(cache)
+        return cache
+
+    @property
+    def cache_bytes_in_use(self) -> int:
+        """Memory held by KV caches still alive (a finished or cancelled request holds none)."""
+        return sum(c.nbytes for c in self._caches)
 
     @torch.inference_mode()
-    def prefill(self, cache: KVCache, token_ids: list[int], start: int = 0) -> torch.Tensor:
-        """Feed one sequence's tokens at positions start.. into the cache; logits (V,) of the last."""
+    def prefill(self, cache: KVCache, token_ids: list[int], start: int = 0,
+                all_logits: bool = False) -> torch.Tensor:
+        """Feed one sequence's tokens at positions start.. into the cache; logits (V,) of the
+        last, or (T, V) of every position when all_logits."""
         tokens = torch.tensor([token_ids], device=self.device)
         positions = torch.arange(start, start + len(token_ids), device=self.device)[None]
-        select = torch.tensor([len(token_ids) - 1], device=self.device)
+        select = None if all_logits else torch.tensor([len(token_ids) - 1], device=self.device)
         return self.model(tokens, positions, cache, select=select)[0]
 
     @torch.inference_mode()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .logprobs import TokenLogprob
+
 
 class FinishReason(enum.Enum):
     LENGTH = "length"  # max_new_tokens reached
@@ -18,6 +20,31 @@ class FinishReason(enum.Enum):
 
 @dataclass(frozen=True)
 class GeneratedToken:
-    token_id: int
-    logprob: float  # log-probability under the model (before temperature and filters)
+    token: TokenLogprob  # the id, and its logprob under the model (rank and top-N when asked)
     finish_reason: FinishReason | None = None
+
+    @property
+    def token_id(self) -> int:
+        return self.token.token_id
+
+    @property
+    def logprob(self) -> float:
+        return self.token.logprob
+
+
+@dataclass(frozen=True)
+class ScoreOutput:
+    tokens: list[TokenLogprob]  # the scored tokens
+    is_greedy: bool  # greedy decoding would have produced exactly these tokens
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One generated token as a client sees it: the token, the text it releases (possibly
+    empty, while a character or a possible stop sequence is incomplete), and on the last
+    event the finish reason and matched stop sequence."""
+
+    token: TokenLogprob
+    text: str
+    finish_reason: FinishReason | None = None
+    stop_sequence: str = ""

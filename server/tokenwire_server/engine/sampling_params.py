@@ -1,4 +1,5 @@
-"""SamplingParams: how one request picks its tokens and when it stops, validated field by field."""
+"""SamplingParams: how one request picks its tokens, when it stops and what it reports,
+validated field by field."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import InvalidArgument
+from ..limits import Limits
 
 
 @dataclass
@@ -15,15 +17,25 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int | None = None  # None: the engine draws one and reports it
+    # Stopping
     max_new_tokens: int = 256
+    stop_sequences: list[str] = field(default_factory=list)
+    include_stop_sequence: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    time_limit: float | None = None  # seconds from the start of generation
+    # What to report per token
+    logprobs: bool = False
+    ranks: bool = False
+    top_n: int = 0
+    prompt_logprobs: bool = False
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self, max_new_tokens_limit: int | None = None) -> None:
+    def validate(self, limits: Limits = Limits(), vocab_size: int | None = None) -> None:
+        """Raise InvalidArgument naming the first field that is out of range."""
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidArgument("temperature", f"must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -32,10 +44,28 @@ class SamplingParams:
             raise InvalidArgument("top_p", f"must be in (0, 1], got {self.top_p}")
         if not (0 <= self.min_p <= 1):
             raise InvalidArgument("min_p", f"must be in [0, 1], got {self.min_p}")
-        if self.max_new_tokens < 1:
-            raise InvalidArgument("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        if max_new_tokens_limit is not None and self.max_new_tokens > max_new_tokens_limit:
-            raise InvalidArgument("max_new_tokens",
-                                  f"{self.max_new_tokens} exceeds the server limit of {max_new_tokens_limit}")
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise InvalidArgument("seed", f"must be in [0, 2^63), got {self.seed}")
+        if self.max_new_tokens < 1:
+            raise InvalidArgument("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens > limits.max_new_tokens:
+            raise InvalidArgument("max_new_tokens",
+                                  f"{self.max_new_tokens} exceeds the server limit of {limits.max_new_tokens}")
+        if len(self.stop_sequences) > limits.max_stop_sequences:
+            raise InvalidArgument("stop_sequences", f"{len(self.stop_sequences)} given, at most "
+                                                    f"{limits.max_stop_sequences} allowed")
+        for i, stop in enumerate(self.stop_sequences):
+            if not stop:
+                raise InvalidArgument(f"stop_sequences[{i}]", "must not be empty")
+            if len(stop) > limits.max_stop_sequence_chars:
+                raise InvalidArgument(f"stop_sequences[{i}]", f"{len(stop)} characters, at most "
+                                                              f"{limits.max_stop_sequence_chars} allowed")
+        if vocab_size is not None:
+            for i, t in enumerate(self.stop_token_ids):
+                if not 0 <= t < vocab_size:
+                    raise InvalidArgument(f"stop_token_ids[{i}]", f"token id {t} is outside the vocabulary "
+                                                                  f"[0, {vocab_size})")
+        if self.time_limit is not None and not (math.isfinite(self.time_limit) and self.time_limit > 0):
+            raise InvalidArgument("time_limit", f"must be a positive number of seconds, got {self.time_limit}")
+        if not 0 <= self.top_n <= limits.max_top_n:
+            raise InvalidArgument("top_n", f"must be in [0, {limits.max_top_n}], got {self.top_n}")

@@ -49,9 +49,11 @@ class Tokenizer:
             ids = self.encoding.encode(text, allowed_special="all")
         else:
             ids = self.encoding.encode_ordinary(text)
-        if add_special_tokens and self.add_bos and self.bos_id is not None:
-            ids.insert(0, self.bos_id)
-        return ids
+        return self.prefix_ids(add_special_tokens) + ids
+
+    def prefix_ids(self, add_special_tokens: bool = True) -> list[int]:
+        """The special tokens the model puts before a text (a BOS token, or none)."""
+        return [self.bos_id] if add_special_tokens and self.add_bos and self.bos_id is not None else []
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids, errors="replace")

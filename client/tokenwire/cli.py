@@ -1,0 +1,154 @@
+"""The `tokenwire` command: talk to a tokenwire server from a terminal.
+
+    tokenwire generate "Once upon a time" --max-new-tokens 40
+    tokenwire generate --chat "What is the capital of France?"
+    tokenwire tokenize "Hello world" --tokens
+    tokenwire score "The cat sat on the mat." ; tokenwire score " Paris" --context "The capital of France is"
+    tokenwire info ; tokenwire health
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from .client import Client
+from .errors import TokenwireError
+
+
+def _json(obj) -> None:
+    print(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else
+                     [dataclasses.asdict(o) for o in obj], indent=2, ensure_ascii=False))
+
+
+def cmd_generate(client: Client, args) -> int:
+    kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                  seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop, logprobs=args.json)
+    if args.chat:
+        kwargs["messages"] = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                             [{"role": "user", "content": args.prompt}]
+        prompt = None
+    else:
+        prompt = args.prompt
+    stream = client.generate_stream(prompt, **kwargs)
+    if args.json:
+        _json(stream.result())
+        return 0
+    for delta in stream:
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    final, info = stream.final, stream.input
+    print(f"[{final.finish_reason}: {final.usage.completion_tokens} tokens in {final.usage.total_seconds:.2f}s, "
+          f"first after {final.usage.first_token_seconds:.2f}s, seed {info.seed}]", file=sys.stderr)
+    return 0
+
+
+def cmd_tokenize(client: Client, args) -> int:
+    results = client.tokenize(args.texts, encoding=args.encoding, return_tokens=args.tokens,
+                              add_special_tokens=args.add_special_tokens, allow_special=args.allow_special)
+    if args.json:
+        _json(results)
+        return 0
+    for r in results:
+        print(f"{r.token_count} tokens: {r.ids}")
+        for t in r.tokens:
+            print(f"  {t.text!r:<20} bytes {t.byte_start}-{t.byte_end}  chars {t.char_start}-{t.char_end}")
+    return 0
+
+
+def cmd_score(client: Client, args) -> int:
+    items = [(args.context, t) for t in args.texts] if args.context is not None else args.texts
+    results = client.score(items, ranks=True)
+    if args.json:
+        _json(results)
+        return 0
+    for r in results:
+        print(f"logprob {r.logprob_sum:.4f} over {r.token_count} tokens, perplexity {r.perplexity:.3f}, "
+              f"greedy {'yes' if r.is_greedy else 'no'}")
+        for t in r.tokens:
+            print(f"  {t.text!r:<20} {t.logprob:9.4f}  rank {t.rank}")
+    return 0
+
+
+def cmd_info(client: Client, args) -> int:
+    info = client.info()
+    if args.json:
+        _json(info)
+        return 0
+    for f in dataclasses.fields(info):
+        print(f"{f.name:<18} {getattr(info, f.name)}")
+    return 0
+
+
+def cmd_health(client: Client, args) -> int:
+    status = client.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenwire", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", default=os.environ.get("TOKENWIRE_SERVER", "localhost:50051"),
+                        help="host:port of the server (env TOKENWIRE_SERVER; default localhost:50051)")
+    parser.add_argument("--timeout", type=float, help="seconds before the call is abandoned")
+    parser.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (turns TLS on)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="stream a generation to the terminal")
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    p.add_argument("--system", help="a system message, with --chat")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 is greedy (server default 1.0)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="a stop sequence (repeatable)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tokenize", help="token ids (and with --tokens, token texts and offsets)")
+    p.add_argument("texts", nargs="+")
+    p.add_argument("--encoding", help="count with a named encoding (cl100k_base) instead of the model's")
+    p.add_argument("--tokens", action="store_true")
+    p.add_argument("--add-special-tokens", action="store_true")
+    p.add_argument("--allow-special", action="store_true")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("score", help="log-probabilities of texts, or of continuations given --context")
+    p.add_argument("texts", nargs="+")
+    p.add_argument("--context")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("info", help="the model served and the server's limits")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("health", help="SERVING or NOT_SERVING (exit code 0 only when serving)")
+    p.add_argument("--service", default="")
+    p.set_defaults(func=cmd_health)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    root = open(args.tls_ca, "rb").read() if args.tls_ca else None
+    try:
+        with Client(args.server, timeout=args.timeout, root_certificates=root) as client:
+            return args.func(client, args)
+    except TokenwireError as e:
+        print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
+        for field, description in e.field_violations:
+            print(f"  {field}: {description}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

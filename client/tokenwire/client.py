@@ -1,0 +1,207 @@
+"""Client and AsyncClient: the tokenwire service from Python, with plain results.
+
+    from tokenwire import Client
+    with Client("localhost:50051") as client:
+        print(client.generate("Once upon a time", max_new_tokens=20).text)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from . import _convert as convert
+from .errors import TokenwireError
+from .types import Delta, Final, Generation, InputInfo, ModelInfo, Scored, Tokenized
+from .v1 import tokenwire_pb2 as pb
+from .v1 import tokenwire_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "localhost:50051"
+_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20)]
+
+
+def _credentials(root_certificates: bytes | None, private_key: bytes | None,
+                 certificate_chain: bytes | None) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def _tokenize_request(texts, add_special_tokens, allow_special, truncate_input_tokens, encoding, return_tokens):
+    return pb.TokenizeRequest(texts=[texts] if isinstance(texts, str) else list(texts),
+                              add_special_tokens=add_special_tokens, allow_special=allow_special,
+                              truncate_input_tokens=truncate_input_tokens, encoding=encoding or "",
+                              return_tokens=return_tokens)
+
+
+class GenerateStream:
+    """Iterates a generation's Deltas as they arrive; `input` and `final` fill in on the way."""
+
+    def __init__(self, call):
+        self._call = call
+        self.input: InputInfo | None = None
+        self.final: Final | None = None
+        self._collector = convert.Collector()
+
+    def __iter__(self) -> Iterator[Delta]:
+        try:
+            for msg in self._call:
+                item = convert.event(msg)
+                self._collector.add(item)
+                if isinstance(item, Delta):
+                    yield item
+                elif isinstance(item, InputInfo):
+                    self.input = item
+                else:
+                    self.final = item
+        except grpc.RpcError as e:
+            raise TokenwireError.from_rpc_error(e) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def result(self) -> Generation:
+        """The whole generation (consumes what is left of the stream)."""
+        for _ in self:
+            pass
+        return self._collector.result()
+
+
+class Client:
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, tls: bool = False,
+                 root_certificates: bytes | None = None, private_key: bytes | None = None,
+                 certificate_chain: bytes | None = None):
+        if tls or root_certificates:
+            self._channel = grpc.secure_channel(
+                target, _credentials(root_certificates, private_key, certificate_chain), _OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(target, _OPTIONS)
+        self._stub = pb_grpc.TokenwireStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method, request, timeout):
+        try:
+            return method(request, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as e:
+            raise TokenwireError.from_rpc_error(e) from None
+
+    def tokenize(self, texts: str | list[str], *, add_special_tokens: bool = False, allow_special: bool = False,
+                 truncate_input_tokens: int | None = None, encoding: str | None = None,
+                 return_tokens: bool = False, timeout: float | None = None) -> list[Tokenized]:
+        req = _tokenize_request(texts, add_special_tokens, allow_special, truncate_input_tokens, encoding,
+                                return_tokens)
+        return [convert.tokenized(r) for r in self._call(self._stub.Tokenize, req, timeout).results]
+
+    def detokenize(self, ids: list[int], *, skip_special_tokens: bool = False, timeout: float | None = None) -> str:
+        req = pb.DetokenizeRequest(ids=ids, skip_special_tokens=skip_special_tokens)
+        return self._call(self._stub.Detokenize, req, timeout).text
+
+    def generate_stream(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> GenerateStream:
+        """Start a generation; iterate the result for Deltas. See generate() for the arguments."""
+        req = convert.generate_request(prompt, **kwargs)
+        return GenerateStream(self._stub.Generate(req, timeout=timeout if timeout is not None else self.timeout))
+
+    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> Generation:
+        """Generate from text (or token_ids=..., or messages=[{"role", "content"}]) and collect
+        the stream. Keyword arguments: temperature, top_k, top_p, min_p, seed, max_new_tokens,
+        stop, stop_token_ids, include_stop_sequence, time_limit, ignore_eos, logprobs, ranks,
+        top_n, prompt_tokens, truncate_input_tokens."""
+        return self.generate_stream(prompt, timeout=timeout, **kwargs).result()
+
+    def score(self, items: list, *, ranks: bool = False, top_n: int = 0, timeout: float | None = None) -> list[Scored]:
+        """items: texts (every token after the first is scored) or (context, continuation) pairs."""
+        resp = self._call(self._stub.Score, convert.score_request(items, ranks, top_n), timeout)
+        return [convert.scored(r) for r in resp.results]
+
+    def info(self, timeout: float | None = None) -> ModelInfo:
+        return convert.model_info(self._call(self._stub.ModelInfo, pb.ModelInfoRequest(), timeout))
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """SERVING, NOT_SERVING, ... for the server ("") or a named service."""
+        resp = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+class AsyncClient:
+    """The same calls for asyncio code."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, tls: bool = False,
+                 root_certificates: bytes | None = None, private_key: bytes | None = None,
+                 certificate_chain: bytes | None = None):
+        if tls or root_certificates:
+            self._channel = grpc.aio.secure_channel(
+                target, _credentials(root_certificates, private_key, certificate_chain), _OPTIONS)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, _OPTIONS)
+        self._stub = pb_grpc.TokenwireStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.timeout = timeout
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method, request, timeout):
+        try:
+            return await method(request, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as e:
+            raise TokenwireError.from_rpc_error(e) from None
+
+    async def tokenize(self, texts: str | list[str], *, add_special_tokens: bool = False,
+                       allow_special: bool = False, truncate_input_tokens: int | None = None,
+                       encoding: str | None = None, return_tokens: bool = False,
+                       timeout: float | None = None) -> list[Tokenized]:
+        req = _tokenize_request(texts, add_special_tokens, allow_special, truncate_input_tokens, encoding,
+                                return_tokens)
+        return [convert.tokenized(r) for r in (await self._call(self._stub.Tokenize, req, timeout)).results]
+
+    async def detokenize(self, ids: list[int], *, skip_special_tokens: bool = False,
+                         timeout: float | None = None) -> str:
+        req = pb.DetokenizeRequest(ids=ids, skip_special_tokens=skip_special_tokens)
+        return (await self._call(self._stub.Detokenize, req, timeout)).text
+
+    async def generate_stream(self, prompt: str | None = None, *, timeout: float | None = None,
+                              **kwargs) -> AsyncIterator[Delta | InputInfo | Final]:
+        """Every event of the stream: InputInfo, then Deltas, then Final."""
+        call = self._stub.Generate(convert.generate_request(prompt, **kwargs),
+                                   timeout=timeout if timeout is not None else self.timeout)
+        try:
+            async for msg in call:
+                yield convert.event(msg)
+        except grpc.RpcError as e:
+            raise TokenwireError.from_rpc_error(e) from None
+        finally:
+            call.cancel()  # no-op when the stream is complete; stops the server's work otherwise
+
+    async def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> Generation:
+        collector = convert.Collector()
+        async for item in self.generate_stream(prompt, timeout=timeout, **kwargs):
+            collector.add(item)
+        return collector.result()
+
+    async def score(self, items: list, *, ranks: bool = False, top_n: int = 0,
+                    timeout: float | None = None) -> list[Scored]:
+        resp = await self._call(self._stub.Score, convert.score_request(items, ranks, top_n), timeout)
+        return [convert.scored(r) for r in resp.results]
+
+    async def info(self, timeout: float | None = None) -> ModelInfo:
+        return convert.model_info(await self._call(self._stub.ModelInfo, pb.ModelInfoRequest(), timeout))
+
+    async def health(self, service: str = "", timeout: float | None = None) -> str:
+        resp = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)

@@ -1,0 +1,16 @@
+"""Limits the server enforces on every request (reported by ModelInfo)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_new_tokens: int = 4096
+    default_max_new_tokens: int = 256
+    max_stop_sequences: int = 16
+    max_stop_sequence_chars: int = 256
+    max_top_n: int = 20
+    max_batch_items: int = 256  # texts per Tokenize, items per Score
+    max_input_chars: int = 400_000  # per text, before tokenizing
