@@ -6,7 +6,7 @@ MODEL ?= smollm2-135m-instruct
 # The CPU wheel; a bare "torch" would pull a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install serve test pull bench clean
+.PHONY: install serve test pull proto clean
 
 install: $(VENV)/.installed
 
@@ -26,8 +26,9 @@ serve: pull
 test: pull
 	$(BIN)/python -m pytest
 
-bench: pull
-	$(BIN)/tokenwire-server bench --model $(MODEL)
+# Regenerate client/tokenwire/v1 from protos/ (a test fails when it is stale).
+proto: install
+	$(BIN)/python protos/generate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info server/*.egg-info client/*.egg-info

@@ -1,0 +1,74 @@
+"""A real tokenwire gRPC server over TCP on 127.0.0.1, port 0, serving the session's engine
+from a background event loop; clients connect to it like any other process would."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+import pytest
+
+from tokenwire import Client
+from tokenwire_server.server import TokenwireServer
+
+
+@dataclass
+class RunningServer:
+    server: TokenwireServer
+    loop: asyncio.AbstractEventLoop
+    address: str
+
+    def run(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def stats(self):
+        return self.server.engine.stats
+
+
+@pytest.fixture(scope="session")
+def event_loop_thread():
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-server-loop", daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+async def _start(engine=None) -> TokenwireServer:
+    server = TokenwireServer("127.0.0.1", 0)
+    await server.start()
+    if engine is not None:
+        await server.attach(engine)
+    return server
+
+
+@pytest.fixture(scope="session")
+def served(engine, event_loop_thread):
+    server = asyncio.run_coroutine_threadsafe(_start(engine), event_loop_thread).result(60)
+    running = RunningServer(server, event_loop_thread, f"127.0.0.1:{server.port}")
+    yield running
+    running.run(server.stop(0))
+
+
+@pytest.fixture(scope="session")
+def client(served):
+    with Client(served.address, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture
+def start_server(event_loop_thread):
+    """Start extra servers (optionally without a model) for a test; stopped after it."""
+    started = []
+
+    def start(engine=None) -> RunningServer:
+        server = asyncio.run_coroutine_threadsafe(_start(engine), event_loop_thread).result(60)
+        started.append(server)
+        return RunningServer(server, event_loop_thread, f"127.0.0.1:{server.port}")
+
+    yield start
+    for server in started:
+        asyncio.run_coroutine_threadsafe(server.stop(0), event_loop_thread).result(30)
