@@ -7,6 +7,7 @@ from tokenwire_server.engine import FinishReason, SamplingParams
 from tokenwire_server.engine.sampler import Sampler
 from tokenwire_server.engine.stopping import StoppingCriteria
 from tokenwire_server.errors import InvalidArgument
+from tokenwire_server.limits import Limits
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 LOGITS = PROBS.log()
@@ -65,6 +66,9 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     (dict(temperature=float("inf")), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"), (dict(min_p=-0.1), "min_p"), (dict(min_p=1.1), "min_p"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(seed=-1), "seed"),
+    (dict(stop_sequences=["a"] * 17), "stop_sequences"), (dict(stop_sequences=["a", ""]), "stop_sequences[1]"),
+    (dict(stop_sequences=["a" * 257]), "stop_sequences[0]"), (dict(time_limit=0.0), "time_limit"),
+    (dict(top_n=21), "top_n"),
 ])
 def test_validation_names_the_field(kwargs, field):
     with pytest.raises(InvalidArgument) as e:
@@ -74,7 +78,7 @@ def test_validation_names_the_field(kwargs, field):
 
 def test_server_limit_on_max_new_tokens():
     with pytest.raises(InvalidArgument, match="server limit"):
-        SamplingParams(max_new_tokens=5000).validate(max_new_tokens_limit=4096)
+        SamplingParams(max_new_tokens=5000).validate(Limits(max_new_tokens=4096))
 
 
 def test_stopping_rules():
@@ -86,3 +90,9 @@ def test_stopping_rules():
     assert stop(7, 5) is FinishReason.LENGTH
     assert StoppingCriteria(SamplingParams(ignore_eos=True), (2,), 10, 100)(2, 1) is None
     assert StoppingCriteria(SamplingParams(max_new_tokens=50), (2,), 95, 100)(7, 5) is FinishReason.CONTEXT_LIMIT
+
+
+def test_stop_token_ids_must_be_in_the_vocabulary():
+    with pytest.raises(InvalidArgument) as e:
+        SamplingParams(stop_token_ids=[3, 100]).validate(vocab_size=50)
+    assert e.value.field == "stop_token_ids[1]"
