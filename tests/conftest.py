@@ -16,8 +16,23 @@ def model_path():
 @pytest.fixture(scope="session")
 def engine(model_path):
     from tokenwire_server.engine import LLMEngine
+    from tokenwire_server.engine.llm_engine import EngineConfig
 
-    return LLMEngine.from_checkpoint(model_path, dtype="float32", device="cpu")
+    return LLMEngine.from_checkpoint(model_path, dtype="float32", device="cpu",
+                                     config=EngineConfig(kv_cache_tokens=32768))
+
+
+@pytest.fixture(scope="session")
+def make_engine(engine):
+    """Another engine over the session's loaded model, with its own cache and settings."""
+    from tokenwire_server.engine import LLMEngine
+    from tokenwire_server.engine.llm_engine import EngineConfig
+
+    def make(**config) -> LLMEngine:
+        r = engine.runner
+        return LLMEngine(r.model, engine.tokenizer, r.device, r.dtype, engine.name, EngineConfig(**config))
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -42,3 +42,9 @@ class DeadlineExceeded(TokenwireError):
     """The request's deadline passed before its work was done."""
 
     expected = True
+
+
+class QueueFull(TokenwireError):
+    """The engine's waiting queue is full: the server is overloaded."""
+
+    expected = True

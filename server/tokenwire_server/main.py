@@ -15,15 +15,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="registry name, path to a .gguf file, or a Hugging Face model directory "
                         f"(default: {registry.DEFAULT_MODEL})")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+                   help="compute dtype (auto: bfloat16 on CUDA and on CPUs with native bfloat16, else float32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (auto: CUDA when present)")
 
 
 def load_engine(args):
     from .engine import LLMEngine  # torch is imported only by commands that need it
 
+    from .engine.llm_engine import EngineConfig
+
     return LLMEngine.from_checkpoint(registry.resolve(args.model), dtype=args.dtype, device=args.device,
-                                     name=args.model if args.model in registry.REGISTRY else "")
+                                     name=args.model if args.model in registry.REGISTRY else "",
+                                     config=EngineConfig(kv_cache_tokens=16384))
 
 
 def cmd_pull(args) -> None:
@@ -58,10 +61,20 @@ def cmd_serve(args) -> None:
     from .limits import Limits
     from .server import serve
 
+    from .engine.llm_engine import EngineConfig
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     limits = Limits(max_new_tokens=args.max_new_tokens_limit, default_max_new_tokens=args.default_max_new_tokens)
+    config = EngineConfig(kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
+                          max_batched_tokens=args.max_batched_tokens, max_queued=args.max_queued_requests,
+                          queue_timeout=args.queue_timeout, prefix_caching=not args.no_prefix_caching,
+                          max_model_len=args.max_model_len)
     asyncio.run(serve(registry.resolve(args.model), host=args.host, port=args.port, dtype=args.dtype,
                       device=args.device, name=args.model if args.model in registry.REGISTRY else "",
-                      limits=limits, max_model_len=args.max_model_len))
+                      limits=limits, engine_config=config))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="cap the context below the model's (tokens)")
     p.add_argument("--max-new-tokens-limit", type=int, default=4096, help="largest max_new_tokens a request may ask")
     p.add_argument("--default-max-new-tokens", type=int, default=256, help="max_new_tokens when a request sets none")
+    p.add_argument("--kv-cache-tokens", type=int, default=65536,
+                   help="KV cache capacity in tokens, allocated at start (memory: tokens x 2 x layers x kv heads "
+                        "x head dim x dtype size)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running in one batch")
+    p.add_argument("--max-batched-tokens", type=int, default=512,
+                   help="tokens computed per step; long prompts are prefilled in chunks under it")
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="waiting requests; beyond it new ones fail at once with RESOURCE_EXHAUSTED")
+    p.add_argument("--queue-timeout", type=float, help="seconds a request may wait before it fails")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate from a prompt in this process (no server)")

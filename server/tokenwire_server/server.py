@@ -13,6 +13,7 @@ from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
 
 from .api.servicer import SERVICE_NAME, TokenwireServicer
 from .engine import LLMEngine, SamplingParams
+from .engine.llm_engine import EngineConfig
 from .engine.async_engine import AsyncEngine
 from .limits import Limits
 
@@ -45,7 +46,7 @@ class TokenwireServer:
 
     async def attach(self, engine: LLMEngine) -> None:
         """Start serving this engine and report SERVING."""
-        self.engine = AsyncEngine(engine)
+        self.engine = AsyncEngine(engine, self.servicer.limits)
         self.engine.start()
         self.servicer.attach(self.engine)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -69,7 +70,7 @@ def warm_up(engine: LLMEngine) -> None:
 
 
 async def serve(model_path, *, host: str, port: int, dtype: str, device: str, name: str,
-                limits: Limits, max_model_len: int | None, grace: float = 10.0) -> None:
+                limits: Limits, engine_config: EngineConfig, grace: float = 10.0) -> None:
     server = TokenwireServer(host, port, limits)
     bound = await server.start()
     log.info("listening on %s:%d (health NOT_SERVING while the model loads)", host, bound)
@@ -79,8 +80,7 @@ async def serve(model_path, *, host: str, port: int, dtype: str, device: str, na
         loop.add_signal_handler(sig, stop.set)
 
     def load() -> LLMEngine:
-        engine = LLMEngine.from_checkpoint(model_path, dtype=dtype, device=device, name=name,
-                                           max_model_len=max_model_len)
+        engine = LLMEngine.from_checkpoint(model_path, dtype=dtype, device=device, name=name, config=engine_config)
         warm_up(engine)
         return engine
 

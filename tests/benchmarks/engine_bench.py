@@ -15,6 +15,7 @@ import torch
 
 from tokenwire_server import registry
 from tokenwire_server.engine import LLMEngine, SamplingParams
+from tokenwire_server.engine.llm_engine import EngineConfig
 
 PROMPT = ("You are reviewing a pull request for a gRPC inference server written in Python. "
           "The change adds continuous batching, a paged key-value cache with prefix sharing, and a "
@@ -24,17 +25,12 @@ PROMPT = ("You are reviewing a pull request for a gRPC inference server written 
 
 
 def ours(engine: LLMEngine, ids: list[int], new_tokens: int) -> tuple[float, float]:
-    runner = engine.runner
-    cache = runner.new_cache(1, len(ids))
-    start = time.perf_counter()
-    runner.prefill(cache, ids)
-    prefill = len(ids) / (time.perf_counter() - start)
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
     first = None
-    for step in engine.generate(ids, params):
+    for _ in engine.generate(ids, params):
         first = first or time.perf_counter()
-    return prefill, (new_tokens - 1) / (time.perf_counter() - first)
+    return len(ids) / (first - start), (new_tokens - 1) / (time.perf_counter() - first)
 
 
 def transformers_generate(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
@@ -63,7 +59,9 @@ def main() -> None:
     path = registry.resolve(args.model)
     results = {}
     for dtype in args.dtypes.split(","):
-        engine = LLMEngine.from_checkpoint(path, dtype=dtype, device="cpu")
+        # No prefix caching: every round must compute its prompt.
+        engine = LLMEngine.from_checkpoint(path, dtype=dtype, device="cpu",
+                                           config=EngineConfig(kv_cache_tokens=4096, prefix_caching=False))
         ids = engine.tokenizer.encode(PROMPT)
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                   dtype=getattr(torch, dtype)).eval()

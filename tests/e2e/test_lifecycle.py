@@ -33,7 +33,7 @@ def test_cancel_stops_the_work_and_frees_memory(client, served, engine):
     it = iter(stream)
     for _ in range(3):
         next(it)
-    assert engine.runner.cache_bytes_in_use > 0  # the running request holds its cache
+    assert engine.blocks.num_used > 0  # the running request holds cache blocks
     tokens_at_cancel = served.stats.generated_tokens
     stream.cancel()
     with pytest.raises(TokenwireError) as e:
@@ -42,7 +42,7 @@ def test_cancel_stops_the_work_and_frees_memory(client, served, engine):
     assert wait_until(lambda: idle(served))
     assert served.stats.finished[FinishReason.CANCELLED] == cancelled_before + 1
     assert served.stats.generated_tokens - tokens_at_cancel < 20  # stopped, not run to 3000
-    assert wait_until(lambda: engine.runner.cache_bytes_in_use == 0)
+    assert wait_until(lambda: engine.blocks.num_used == 0)
     assert client.generate("Hello", temperature=0, max_new_tokens=3).usage.completion_tokens == 3
 
 
@@ -56,7 +56,7 @@ def test_expired_deadline(client, served, engine):
     assert time.monotonic() - start < 3
     assert wait_until(lambda: idle(served), timeout=3)
     assert served.stats.finished[FinishReason.CANCELLED] == cancelled_before + 1
-    assert wait_until(lambda: engine.runner.cache_bytes_in_use == 0)
+    assert wait_until(lambda: engine.blocks.num_used == 0)
     with pytest.raises(TokenwireError) as e:
         client.score(["A sentence to score. " * 200], timeout=0.001)
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -95,11 +95,11 @@ def test_engine_fault_fails_only_that_request(client, served, engine, monkeypatc
     real = engine.sampler.__class__.__call__
     calls = {"n": 0}
 
-    def flaky(self, logits, params, generators):
+    def flaky(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected fault")
-        return real(self, logits, params, generators)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(engine.sampler.__class__, "__call__", flaky)
     with pytest.raises(TokenwireError) as e:

@@ -1,52 +1,70 @@
-"""KV-cached decoding gives the logits of recomputing the whole sequence, row by row."""
+"""The paged KV cache gives the logits of recomputing the whole sequence: alone, chunked,
+batched with other sequences at other positions, and after prefix-cache hits."""
 
+import pytest
 import torch
 
 from tokenwire_server.engine import SamplingParams
+from tokenwire_server.engine.sequence import Sequence
 
-ATOL, RTOL = 1e-4, 1e-4
+ATOL = 1e-4
+
+
+def check_against_recompute(engine, prompt, steps, top_n=5):
+    """Every generated token's logprob and top-N equal a whole-sequence recompute's."""
+    seq = list(prompt)
+    for step in steps:
+        logp = torch.log_softmax(engine.runner.logits(seq)[-1], -1)
+        assert step.logprob == pytest.approx(float(logp[step.token_id]), abs=ATOL)
+        top = logp.topk(top_n)
+        assert [i for i, _ in step.token.top] == top.indices.tolist()
+        assert [lp for _, lp in step.token.top] == pytest.approx(top.values.tolist(), abs=ATOL)
+        seq.append(step.token_id)
 
 
 def test_cached_decode_matches_recompute(engine, tokenizer):
     prompt = tokenizer.encode("The quick brown fox jumps over the lazy dog. Then")
-    runner = engine.runner
-    cache = runner.new_cache(1, len(prompt) + 16)
-    logits = runner.prefill(cache, prompt)
-    seq = list(prompt)
-    for _ in range(16):
-        torch.testing.assert_close(logits, runner.logits(seq)[-1], atol=ATOL, rtol=RTOL)
-        token = int(logits.argmax())
-        seq.append(token)
-        logits = runner.decode(cache, [token], [len(seq) - 1])[0]
+    steps = list(engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, top_n=5)))
+    check_against_recompute(engine, prompt, steps)
 
 
-def test_batched_rows_at_different_positions(engine, tokenizer):
-    """Two sequences of different lengths share one cache, each at its own position."""
-    runner, model = engine.runner, engine.runner.model
-    a = tokenizer.encode("Hello")
-    b = tokenizer.encode("A much longer prompt that has quite a few more tokens in it")
-    T = len(b)
-    cache = runner.new_cache(2, T + 8)
-    # Right-pad row a; its padding lands in slots past its length and is overwritten later.
-    tokens = torch.tensor([a + [0] * (T - len(a)), b])
-    positions = torch.arange(T).expand(2, T)
-    with torch.inference_mode():
-        logits = model(tokens, positions, cache, select=torch.tensor([len(a) - 1, T - 1]))
-    seqs = [list(a), list(b)]
-    for _ in range(6):
-        for row in range(2):
-            torch.testing.assert_close(logits[row], runner.logits(seqs[row])[-1], atol=ATOL, rtol=RTOL)
-        nxt = logits.argmax(-1).tolist()
-        for row in range(2):
-            seqs[row].append(nxt[row])
-        logits = runner.decode(cache, nxt, [len(s) - 1 for s in seqs])
+def test_chunked_prefill_matches_recompute(make_engine, tokenizer):
+    small_steps = make_engine(kv_cache_tokens=1024, block_size=4, max_batched_tokens=5)
+    prompt = tokenizer.encode("A long prompt, prefilled five tokens at a time across several engine steps.")
+    steps = list(small_steps.generate(prompt, SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True,
+                                                             top_n=5)))
+    check_against_recompute(small_steps, prompt, steps)
 
 
-def test_generate_equals_uncached_greedy(engine, tokenizer):
-    prompt = tokenizer.encode("In 1969, the first humans")
-    out = [t.token_id for t in engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=12,
-                                                                      ignore_eos=True))]
-    seq = list(prompt)
-    for _ in range(12):
-        seq.append(int(engine.runner.logits(seq)[-1].argmax()))
-    assert out == seq[len(prompt):]
+def test_batched_sequences_at_different_positions(make_engine, tokenizer):
+    eng = make_engine(kv_cache_tokens=2048, block_size=8, max_batched_tokens=64)
+    prompts = ["Hello", "A much longer prompt that has quite a few more tokens in it than the others",
+               "Numbers: 1, 2, 3,"]
+    seqs = [Sequence(tokenizer.encode(p), SamplingParams(temperature=0, max_new_tokens=6 + 3 * i, ignore_eos=True,
+                                                         top_n=5)) for i, p in enumerate(prompts)]
+    for s in seqs:
+        eng.add(s)
+    events = {s: [] for s in seqs}
+    while eng.has_work():
+        for s, event in eng.step():
+            events[s].append(event)
+    for s in seqs:
+        assert len(events[s]) == s.params.max_new_tokens
+        check_against_recompute(eng, s.prompt_ids, events[s])
+
+
+def test_prefix_cache_hit_gives_same_output(make_engine, tokenizer):
+    eng = make_engine(kv_cache_tokens=2048, block_size=8)
+    system = "You are a careful assistant. Answer in one short sentence. " * 3
+    prompt = tokenizer.encode(system + "What is the capital of Italy?")
+    params = dict(temperature=0, max_new_tokens=10, ignore_eos=True, top_n=5)
+    first = Sequence(prompt, SamplingParams(**params))
+    eng.add(first)
+    out1 = [e for _ in iter(eng.has_work, False) for s, e in eng.step()]
+    second = Sequence(prompt, SamplingParams(**params))
+    eng.add(second)
+    out2 = [e for _ in iter(eng.has_work, False) for s, e in eng.step()]
+    assert first.cached_tokens == 0
+    assert second.cached_tokens == (len(prompt) - 1) // 8 * 8 > 0
+    assert [e.token_id for e in out2] == [e.token_id for e in out1]
+    check_against_recompute(eng, prompt, out2)

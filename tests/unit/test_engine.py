@@ -2,7 +2,7 @@
 
 import pytest
 
-from tokenwire_server.engine import FinishReason, LLMEngine, SamplingParams
+from tokenwire_server.engine import FinishReason, SamplingParams
 from tokenwire_server.errors import InvalidArgument
 
 
@@ -23,12 +23,12 @@ def test_same_seed_same_tokens_and_reported_seed_replays(engine, tokenizer):
     assert d == e
 
 
-def test_finish_reasons(engine, tokenizer):
+def test_finish_reasons(engine, make_engine, tokenizer):
     prompt = tokenizer.encode("Count: one, two, three,")
     steps = list(engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)))
     assert len(steps) == 3 and steps[-1].finish_reason is FinishReason.LENGTH
     assert all(s.finish_reason is None for s in steps[:-1])
-    small = LLMEngine(engine.runner, engine.tokenizer, max_model_len=len(prompt) + 4)
+    small = make_engine(max_model_len=len(prompt) + 4, kv_cache_tokens=256)
     steps = list(small.generate(prompt, SamplingParams(temperature=0, max_new_tokens=50, ignore_eos=True)))
     assert len(steps) == 4 and steps[-1].finish_reason is FinishReason.CONTEXT_LIMIT
     chat = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}]),
@@ -54,7 +54,7 @@ def test_bad_prompts(engine, prompt, match):
     assert e.value.field == "prompt"
 
 
-def test_prompt_longer_than_context(engine):
-    small = LLMEngine(engine.runner, engine.tokenizer, max_model_len=8)
+def test_prompt_longer_than_context(make_engine):
+    small = make_engine(max_model_len=8, kv_cache_tokens=256)
     with pytest.raises(InvalidArgument, match="exceed the model's context of 8 with room to generate"):
         list(small.generate(list(range(100, 108)), SamplingParams()))

@@ -12,7 +12,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ..errors import DeadlineExceeded, EngineUnavailable, InvalidArgument
+from ..errors import DeadlineExceeded, EngineUnavailable, InvalidArgument, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,8 @@ def _status(exc: Exception) -> status_pb2.Status:
         detail.Pack(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)]))
         return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc), details=[detail])
+    if isinstance(exc, QueueFull):
+        return status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=str(exc))
     if isinstance(exc, EngineUnavailable):
         return status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(exc))
     if isinstance(exc, DeadlineExceeded):

@@ -75,8 +75,8 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
         tok = engine.engine.tokenizer
         seq = convert.sequence(request, engine.engine, self.limits)
         first = True
-        async with aclosing(engine.generate(seq, _deadline(context))) as events:
-            async for event in events:
+        async with aclosing(engine.generate([seq], _deadline(context))) as events:
+            async for _, event in events:
                 if first:  # after prefill: prompt logprobs, when asked, exist now
                     yield convert.input_info(seq, tok)
                     first = False

@@ -1,5 +1,9 @@
 """AsyncEngine: the engine behind an asyncio server. The model computes on a dedicated
-thread (torch releases the GIL), so the event loop stays free for streams and health."""
+thread (torch releases the GIL), so the event loop stays free for streams and health.
+
+The engine thread loops: take new requests, drop cancelled ones, run one step for every
+running sequence, hand each request its events. New requests join the running batch at
+the next step; finished or cancelled ones leave at once."""
 
 from __future__ import annotations
 
@@ -12,9 +16,11 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from ..errors import DeadlineExceeded, EngineUnavailable
+from ..errors import DeadlineExceeded, EngineUnavailable, QueueFull
+from ..limits import Limits
 from .llm_engine import LLMEngine
 from .outputs import FinishReason, ScoreOutput, StreamEvent
+from .sampling_params import SamplingParams
 from .sequence import Sequence
 from .text_stream import TextStream
 
@@ -29,19 +35,22 @@ class EngineStats:
     running: int = 0
     finished: Counter = field(default_factory=Counter)  # FinishReason -> count
     generated_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
     scored_items: int = 0
+    preemptions: int = 0
+    steps: int = 0
 
 
-@dataclass
-class _Work:
+@dataclass(eq=False)
+class _Request:
     loop: asyncio.AbstractEventLoop
-    seq: Sequence | None = None  # a generation
-    score_items: list | None = None  # or a batch of (token_ids, start, field) to score
-    ranks: bool = False
-    top_n: int = 0
-    deadline: float | None = None  # monotonic; the caller stops waiting after it
+    seqs: list[Sequence]
+    deadline: float | None = None  # monotonic
+    streams: list[TextStream] | None = None  # per generated sequence
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    pending: int = 0  # sequences not finished
 
     def emit(self, item) -> None:
         try:
@@ -54,10 +63,12 @@ class _Work:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, limits: Limits = Limits()):
         self.engine = engine
+        self.limits = limits
         self.stats = EngineStats()
-        self._queue: queue.Queue[_Work | None] = queue.Queue()
+        self._inbox: queue.Queue[_Request | None] = queue.Queue()
+        self._requests: dict[Sequence, _Request] = {}
         self._thread = threading.Thread(target=self._loop, name="tokenwire-engine", daemon=True)
         self._stopped = False
 
@@ -65,105 +76,143 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Finish the work in hand, then stop the engine thread."""
         self._stopped = True
-        self._queue.put(None)
+        self._inbox.put(None)
         self._thread.join(timeout)
 
-    async def generate(self, seq: Sequence, deadline: float | None = None) -> AsyncIterator[StreamEvent]:
-        """Stream the events of one generation. Leaving the loop early (the client cancelled,
-        its deadline passed) stops the work at the next step and frees its memory."""
-        work = self._submit(_Work(asyncio.get_running_loop(), seq=seq, deadline=deadline))
+    async def generate(self, seqs: list[Sequence], deadline: float | None = None) -> AsyncIterator[tuple[int, StreamEvent]]:
+        """Stream (index, event) for n sequences of one request (n samples share the prompt).
+        Leaving the loop early (the client cancelled, its deadline passed) stops the work at
+        the next step and frees its memory."""
+        streams = [TextStream(self.engine.tokenizer, s.params.stop_sequences, s.params.include_stop_sequence)
+                   for s in seqs]
+        request = self._submit(_Request(asyncio.get_running_loop(), seqs, deadline, streams))
         try:
-            while True:
-                event = await work.events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if event.finish_reason is not None:
-                    return
+            finished = 0
+            while finished < len(seqs):
+                item = await request.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                finished += item[1].finish_reason is not None
         finally:
-            work.cancelled.set()
+            request.cancelled.set()
 
     async def score(self, items: list[tuple[list[int], int, str]], ranks: bool = False, top_n: int = 0,
                     deadline: float | None = None) -> list[ScoreOutput]:
-        """Score (token_ids, start, field) items; results in order."""
-        work = self._submit(_Work(asyncio.get_running_loop(), score_items=items, ranks=ranks, top_n=top_n,
-                                  deadline=deadline))
+        """Score (token_ids, start, field) items, batched with everything else; results in order."""
+        params = SamplingParams(ranks=ranks, top_n=top_n)
+        seqs = [Sequence(ids, params, score_from=start) for ids, start, _ in items]
+        request = self._submit(_Request(asyncio.get_running_loop(), seqs, deadline))
         try:
-            result = await work.events.get()
+            for _ in seqs:
+                item = await request.events.get()
+                if isinstance(item, BaseException):
+                    raise item
         finally:
-            work.cancelled.set()
-        if isinstance(result, BaseException):
-            raise result
-        return result
+            request.cancelled.set()
+        return [ScoreOutput(s.prompt_logprobs, s.all_greedy) for s in seqs]
 
-    def _submit(self, work: _Work) -> _Work:
+    def _submit(self, request: _Request) -> _Request:
         if self._stopped:
             raise EngineUnavailable("the engine is shutting down")
-        self.stats.waiting += 1
-        self._queue.put(work)
-        return work
+        waiting = len(self.engine.scheduler.waiting) + self._inbox.qsize()
+        if waiting >= self.engine.engine_config.max_queued:
+            raise QueueFull(f"the server is overloaded ({waiting} requests waiting); retry later")
+        request.pending = len(request.seqs)
+        self._inbox.put(request)
+        return request
 
     # ---- the engine thread ----
 
     def _loop(self) -> None:
-        while (work := self._queue.get()) is not None:
-            self.stats.waiting -= 1
-            if work.expired():  # cancelled or out of time while waiting: no work done
-                if work.seq is not None:
-                    self.stats.finished[FinishReason.CANCELLED] += 1
-                work.emit(DeadlineExceeded("the deadline passed while the request waited"))
-                continue
-            self.stats.running += 1
-            try:
-                if work.seq is not None:
-                    self._generate(work)
-                else:
-                    self._score(work)
-            except Exception as e:  # one bad request never takes the engine down
-                if not getattr(e, "expected", False):
-                    log.exception("request failed in the engine")
-                work.emit(e)
-            finally:
-                self.stats.running -= 1
-
-    def _generate(self, work: _Work) -> None:
-        seq, params = work.seq, work.seq.params
-        stream = TextStream(self.engine.tokenizer, params.stop_sequences, params.include_stop_sequence)
-        steps = self.engine.run(seq)
-        try:
-            for step in steps:
-                self.stats.generated_tokens += 1
-                if work.expired():
-                    seq.finish_reason = FinishReason.CANCELLED
-                    break
-                text, stop = stream.push(step.token_id)
-                reason = FinishReason.STOP_SEQUENCE if stop else step.finish_reason
-                if reason is None and params.time_limit is not None \
-                        and time.monotonic() - seq.started >= params.time_limit:
-                    reason = FinishReason.TIME_LIMIT
-                if reason is not None and stop is None:
-                    rest, stop = stream.flush()
-                    text += rest
-                    reason = FinishReason.STOP_SEQUENCE if stop else reason
-                if reason is not None:
-                    seq.finish_reason, seq.stop_sequence = reason, stop or ""
-                work.emit(StreamEvent(step.token, text, reason, stop or ""))
-                if reason is not None:
-                    break
-        finally:
-            steps.close()  # frees the sequence's KV cache at once
-            seq.finished = time.monotonic()
-            if seq.finish_reason is not None:
-                self.stats.finished[seq.finish_reason] += 1
-
-    def _score(self, work: _Work) -> None:
-        results = []
-        for token_ids, start, field_name in work.score_items:
-            if work.expired():
-                work.emit(DeadlineExceeded("the deadline passed while scoring"))
+        while True:
+            self._update_stats()
+            if not self._take_new(block=not self.engine.has_work()):
                 return
-            results.append(self.engine.score(token_ids, start, work.ranks, work.top_n, field_name))
+            self._drop_expired()
+            if not self.engine.has_work():
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # a fault fails the requests in hand, never the engine
+                log.exception("engine step failed")
+                for request in set(self._requests.values()):
+                    self._fail(request, e)
+                continue
+            for seq, event in events:
+                request = self._requests.get(seq)
+                if request is not None:
+                    self._deliver(request, seq, event)
+
+    def _take_new(self, block: bool) -> bool:
+        """Move submitted requests into the engine; False when shutting down."""
+        while True:
+            try:
+                request = self._inbox.get(block=block, timeout=None)
+            except queue.Empty:
+                return True
+            block = False
+            if request is None:
+                return False
+            try:
+                for seq in request.seqs:
+                    self.engine.add(seq, self.limits)
+                    self._requests[seq] = request
+                    self.stats.prompt_tokens += len(seq.prompt_ids)
+            except Exception as e:
+                if not getattr(e, "expected", False):
+                    log.exception("request failed when added")
+                self._fail(request, e)
+
+    def _drop_expired(self) -> None:
+        for request in {r for r in self._requests.values() if r.expired()}:
+            if not request.cancelled.is_set():
+                request.emit(DeadlineExceeded("the deadline passed"))
+            for seq in request.seqs:
+                if seq in self._requests:
+                    self.engine.finish(seq, FinishReason.CANCELLED)
+                    self._retire(seq)
+
+    def _deliver(self, request: _Request, seq: Sequence, event) -> None:
+        if event is None:  # a score sequence completed
             self.stats.scored_items += 1
-        work.emit(results)
+            self._retire(seq)
+            request.emit(seq)
+            return
+        index = request.seqs.index(seq)
+        stream = request.streams[index]
+        self.stats.generated_tokens += 1
+        text, stop = stream.push(event.token_id)
+        reason = FinishReason.STOP_SEQUENCE if stop else event.finish_reason
+        limit = seq.params.time_limit
+        if reason is None and limit is not None and time.monotonic() - seq.started >= limit:
+            reason = FinishReason.TIME_LIMIT
+        if reason is not None and stop is None:
+            rest, stop = stream.flush()
+            text += rest
+            reason = FinishReason.STOP_SEQUENCE if stop else reason
+        if reason is not None:
+            seq.finish_reason, seq.stop_sequence = reason, stop or ""
+            self.engine.finish(seq, reason)
+            self._retire(seq)
+        request.emit((index, StreamEvent(event.token, text, reason, stop or "")))
+
+    def _retire(self, seq: Sequence) -> None:
+        self._requests.pop(seq, None)
+        if seq.finish_reason is not None:
+            self.stats.finished[seq.finish_reason] += 1
+        self.stats.cached_tokens += seq.cached_tokens
+
+    def _fail(self, request: _Request, error: Exception) -> None:
+        for seq in request.seqs:
+            self.engine.finish(seq)
+            self._requests.pop(seq, None)
+        request.emit(error)
+
+    def _update_stats(self) -> None:
+        s = self.engine.scheduler
+        self.stats.waiting = len(s.waiting)
+        self.stats.running = len(s.running)
+        self.stats.steps = self.engine.num_steps
+        self.stats.preemptions = self.engine.num_preemptions

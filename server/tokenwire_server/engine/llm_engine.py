@@ -1,4 +1,5 @@
-"""LLMEngine: the engine as a library. Prefill, then KV-cached decode, one request at a time."""
+"""LLMEngine: the engine as a library. `step()` is schedule, run, postprocess: every running
+sequence advances together (continuous batching over a paged, prefix-cached KV cache)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,24 @@ import logging
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..checkpoint_files import open_gguf
 from ..errors import InvalidArgument
+from ..limits import Limits
 from ..model.loader import checkpoint_kind, load_model
 from ..tokenizer import Tokenizer
+from .block_manager import BlockManager
 from .logprobs import TokenLogprob, token_logprobs
 from .model_runner import ModelRunner
-from .outputs import GeneratedToken, ScoreOutput
+from .outputs import FinishReason, GeneratedToken, ScoreOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
-from .sequence import Sequence
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
 from .stopping import StoppingCriteria
 
 log = logging.getLogger(__name__)
@@ -33,28 +38,59 @@ def choose_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def choose_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 where the hardware computes it natively, else float32."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r} (choose from auto, {', '.join(DTYPES)})")
     return DTYPES[name]
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    kv_cache_tokens: int = 65536  # KV cache capacity, fixed at start
+    block_size: int = 16
+    max_num_seqs: int = 64  # running at once
+    max_batched_tokens: int = 512  # tokens computed per step (decodes + prompt chunks)
+    max_queued: int = 256  # waiting; beyond it requests fail at once
+    queue_timeout: float | None = None
+    prefix_caching: bool = True
+    max_model_len: int | None = None  # cap the context below the model's
+
+
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, name: str = "",
-                 max_model_len: int | None = None):
-        self.runner = runner
+    def __init__(self, model, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype, name: str = "",
+                 config: EngineConfig = EngineConfig()):
+        self.runner = ModelRunner(model, device, dtype, config.kv_cache_tokens, config.block_size)
         self.tokenizer = tokenizer
-        self.config = runner.config
+        self.config = model.config
+        self.engine_config = config
         self.name = name or self.config.name
-        # A server may cap the context below the model's to bound memory per sequence.
-        self.context_len = min(self.config.max_seq_len, max_model_len or self.config.max_seq_len)
+        self.context_len = min(self.config.max_seq_len, config.max_model_len or self.config.max_seq_len)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens, config.max_queued,
+                                   config.queue_timeout)
         self.sampler = Sampler()
+        self._generators: dict[Sequence, torch.Generator | None] = {}
+        self._stopping: dict[Sequence, StoppingCriteria] = {}
+        self.num_steps = 0
+        self.num_preemptions = 0
+        self.last_batch_size = 0
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, dtype: str = "auto", device: str = "auto",
-                        name: str = "", max_model_len: int | None = None) -> LLMEngine:
+    def from_checkpoint(cls, path: str | Path, dtype: str = "auto", device: str = "auto", name: str = "",
+                        config: EngineConfig = EngineConfig()) -> LLMEngine:
         path = Path(path)
         dev = choose_device(device)
         torch_dtype = choose_dtype(dtype, dev)
@@ -66,7 +102,11 @@ class LLMEngine:
             tokenizer = Tokenizer.from_hf_dir(path)
             model = load_model(path, torch_dtype, dev)
         log.info("loaded %s: %s, %s on %s", path, model.config.architecture, torch_dtype, dev)
-        return cls(ModelRunner(model, dev, torch_dtype), tokenizer, name or path.stem, max_model_len)
+        return cls(model, tokenizer, dev, torch_dtype, name or path.stem, config)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.runner.num_blocks * self.runner.block_size
 
     def check_prompt(self, token_ids: list[int], field: str = "prompt", generating: bool = True) -> None:
         if not token_ids:
@@ -80,56 +120,136 @@ class LLMEngine:
             raise InvalidArgument(field, f"{len(token_ids)} tokens exceed the model's context of "
                                          f"{self.context_len}" + (" with room to generate" if generating else "")
                                          + "; truncate the input (truncate_input_tokens keeps the last N)")
+        if len(token_ids) + 1 > self.kv_capacity_tokens:
+            raise InvalidArgument(field, f"{len(token_ids)} tokens exceed the server's KV cache of "
+                                         f"{self.kv_capacity_tokens} tokens")
+
+    # ---- requests ----
+
+    def add(self, seq: Sequence, limits: Limits = Limits()) -> None:
+        """Queue a sequence (raises QueueFull when the waiting queue is full)."""
+        if seq.score_from is None:
+            self.check_prompt(seq.prompt_ids)
+            seq.params.validate(limits, self.config.vocab_size)
+            if seq.params.seed is None:
+                seq.params.seed = random.randrange(2**63)  # reported back, so the output can be replayed
+            self._generators[seq] = None if seq.params.greedy else \
+                torch.Generator(self.runner.device).manual_seed(seq.params.seed)
+            self._stopping[seq] = StoppingCriteria(seq.params, self.tokenizer.eos_ids, len(seq.prompt_ids),
+                                                   min(self.context_len, self.kv_capacity_tokens))
+            if seq.params.prompt_logprobs:
+                seq.prompt_logprobs = []
+        else:
+            self.check_prompt(seq.prompt_ids, generating=False)
+            seq.prompt_logprobs = []
+        self.scheduler.add(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason | None = None) -> None:
+        """Stop a sequence (done, cancelled, failed) and free its cache at once."""
+        if seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq)
+            seq.finish_reason = seq.finish_reason or reason
+            seq.finished = time.monotonic()
+        self._generators.pop(seq, None)
+        self._stopping.pop(seq, None)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step ----
+
+    def step(self) -> list[tuple[Sequence, GeneratedToken | None]]:
+        """Advance every scheduled sequence. Returns, for each generation that produced a token,
+        (seq, token); for each score sequence that completed, (seq, None)."""
+        for seq in self.scheduler.expired():
+            self.finish(seq, FinishReason.TIME_LIMIT)
+        scheduled = self.scheduler.schedule()
+        batch = scheduled.scheduled
+        self.num_preemptions += len(scheduled.preempted)
+        if not batch:
+            return []
+        self.num_steps += 1
+        self.last_batch_size = len(batch)
+        logits, spans = self.runner.execute(batch)
+        events, to_sample = [], []
+        for sched, span in zip(batch, spans):
+            seq = sched.seq
+            if span.count and seq.prompt_logprobs is not None:
+                self._prompt_logprobs(seq, logits[span.row:span.row + span.count], span.first)
+            completes = sched.completes
+            seq.num_computed += sched.num_tokens
+            self.blocks.register(seq.block_table, seq.tokens, seq.num_computed)
+            if not completes:
+                continue
+            if seq.score_from is not None:
+                events.append((seq, None))
+                self.finish(seq)
+            else:
+                to_sample.append((seq, span.row + span.count - 1))
+        if to_sample:
+            events += self._sample(to_sample, logits)
+        return events
+
+    def _prompt_logprobs(self, seq: Sequence, rows: torch.Tensor, first: int) -> None:
+        """Logprobs of the tokens these positions predict, for positions not yet covered."""
+        start = seq.score_from if seq.score_from is not None else 1  # index of the first token scored
+        done = len(seq.prompt_logprobs)
+        first_needed = start - 1 + done  # position predicting the next uncovered token
+        last = min(first + len(rows), len(seq.prompt_ids) - 1)  # positions predicting prompt tokens only
+        if last <= first_needed:
+            return
+        rows = rows[first_needed - first:last - first]
+        targets = torch.tensor(seq.prompt_ids[first_needed + 1:last + 1], device=rows.device)
+        p = seq.params
+        seq.prompt_logprobs += token_logprobs(rows, targets, p.ranks, p.top_n)
+        seq.all_greedy = seq.all_greedy and bool((rows.argmax(-1) == targets).all())
+
+    def _sample(self, items: list[tuple[Sequence, int]], logits: torch.Tensor):
+        seqs = [s for s, _ in items]
+        rows = logits[torch.tensor([r for _, r in items], device=logits.device)]
+        params = [s.params for s in seqs]
+        eos = list(self.tokenizer.eos_ids)
+        banned = [eos + s.params.stop_token_ids if len(s.output_ids) < s.params.min_new_tokens else [] for s in seqs]
+        tokens = self.sampler(rows, params, [self._generators[s] for s in seqs],
+                              [(s.prompt_ids, s.output_ids) for s in seqs], banned)
+        detail = [i for i, p in enumerate(params) if p.ranks or p.top_n]
+        logp = torch.log_softmax(rows, dim=-1).gather(-1, tokens[:, None])[:, 0].tolist()
+        infos = {}
+        for i in detail:  # ranks and top-N only for the rows that asked
+            p = params[i]
+            infos[i] = token_logprobs(rows[i:i + 1], tokens[i:i + 1], p.ranks, p.top_n)[0]
+        events = []
+        now = time.monotonic()
+        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            info = infos.get(i) or TokenLogprob(token, logp[i])
+            seq.output_ids.append(token)
+            seq.first_token = seq.first_token or now
+            reason = self._stopping[seq](token, len(seq.output_ids))
+            events.append((seq, GeneratedToken(info, reason)))
+            if reason is not None:
+                self.finish(seq, reason)
+        return events
+
+    # ---- synchronous helpers (a library user with one request at a time) ----
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
         """Yield the generated tokens one by one; the last one carries the finish reason."""
-        return self.run(Sequence(prompt_ids, params))
+        seq = Sequence(prompt_ids, params)
+        self.add(seq)
+        try:
+            while seq.status is not Status.FINISHED:
+                for s, event in self.step():
+                    if s is seq:
+                        yield event
+        finally:
+            self.finish(seq, FinishReason.CANCELLED)
 
-    def run(self, seq: Sequence) -> Iterator[GeneratedToken]:
-        """Generate for `seq`, recording its outputs on it. Closing the iterator early stops
-        the work and frees the sequence's cache."""
-        params, prompt = seq.params, seq.prompt_ids
-        self.check_prompt(prompt)
-        params.validate(vocab_size=self.config.vocab_size)
-        if params.seed is None:
-            params.seed = random.randrange(2**63)  # reported back, so the output can be replayed
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(self.runner.device).manual_seed(params.seed)
-        stop = StoppingCriteria(params, self.tokenizer.eos_ids, len(prompt), self.context_len)
-        cache = self.runner.new_cache(1, min(self.context_len, len(prompt) + params.max_new_tokens))
-        seq.started = time.monotonic()
-        logits = self.runner.prefill(cache, prompt, all_logits=params.prompt_logprobs)
-        if params.prompt_logprobs:
-            seq.prompt_logprobs = token_logprobs(logits[:-1], torch.tensor(prompt[1:], device=logits.device),
-                                                 params.ranks, params.top_n)
-            logits = logits[-1]
-        logits = logits[None]
-        detail = params.ranks or params.top_n
-        while True:
-            token_t = self.sampler(logits, [params], [generator])
-            if detail:
-                info = token_logprobs(logits, token_t, params.ranks, params.top_n)[0]
-            else:
-                token = int(token_t[0])
-                info = TokenLogprob(token, float(torch.log_softmax(logits[0], dim=-1)[token]))
-            seq.output_ids.append(info.token_id)
-            if seq.first_token is None:
-                seq.first_token = time.monotonic()
-            reason = stop(info.token_id, len(seq.output_ids))
-            yield GeneratedToken(info, reason)
-            if reason is not None:
-                seq.finish_reason = reason
-                return
-            logits = self.runner.decode(cache, [info.token_id], [len(prompt) + len(seq.output_ids) - 1])
-
-    def score(self, token_ids: list[int], start: int = 1, ranks: bool = False, top_n: int = 0,
-              field: str = "prompt") -> ScoreOutput:
+    def score(self, token_ids: list[int], start: int = 1, ranks: bool = False, top_n: int = 0) -> ScoreOutput:
         """Logprobs of token_ids[start:], each given the tokens before it."""
-        self.check_prompt(token_ids, field, generating=False)
         if not 1 <= start < len(token_ids):
-            raise InvalidArgument(field, "needs at least one token to score after its first")
-        logits = self.runner.logits(token_ids)[start - 1:-1]
-        targets = torch.tensor(token_ids[start:], device=logits.device)
-        tokens = token_logprobs(logits, targets, ranks, top_n)
-        return ScoreOutput(tokens, bool((logits.argmax(-1) == targets).all()))
+            raise InvalidArgument("prompt", "needs at least one token to score after its first")
+        seq = Sequence(token_ids, SamplingParams(ranks=ranks, top_n=top_n), score_from=start)
+        self.add(seq)
+        while seq.status is not Status.FINISHED:
+            self.step()
+        return ScoreOutput(seq.prompt_logprobs, seq.all_greedy)

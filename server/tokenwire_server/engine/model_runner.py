@@ -1,56 +1,92 @@
-"""ModelRunner: the one place that builds tensors and calls the model."""
+"""ModelRunner: the one place that builds tensors and calls the model. It owns the KV
+cache's memory; which slots belong to whom comes from the scheduler's sequences."""
 
 from __future__ import annotations
 
-import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..model.kv_cache import KVCache
+from ..model.kv_cache import AttentionMetadata, KVCache, Segment
+from .scheduler import ScheduledSequence
+
+
+@dataclass(frozen=True)
+class LogitsSpan:
+    """Rows [row, row + count) of a step's logits hold positions first, first + 1, ... of a sequence."""
+
+    row: int
+    count: int
+    first: int
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, kv_cache_tokens: int = 65536,
+                 block_size: int = 16):
         self.model, self.device, self.dtype = model, device, dtype
-        self.config = model.config
-        self._caches: weakref.WeakSet[KVCache] = weakref.WeakSet()
+        self.config = c = model.config
+        self.block_size = block_size
+        self.num_blocks = max(1, kv_cache_tokens // block_size)
+        self.cache = KVCache(c.n_layers, self.num_blocks * block_size, c.n_kv_heads, c.head_dim, dtype, device)
 
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        c = self.config
-        cache = KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, self.dtype, self.device)
-        self._caches.add(cache)
-        return cache
-
-    @property
-    def cache_bytes_in_use(self) -> int:
-        """Memory held by KV caches still alive (a finished or cancelled request holds none)."""
-        return sum(c.nbytes for c in self._caches)
+    def _slots(self, tables: torch.Tensor, length: int) -> torch.Tensor:
+        """Slots of positions 0..length-1 for each row of block tables (R, max_blocks) -> (R, length)."""
+        pos = torch.arange(length, device=self.device)
+        return tables[:, pos // self.block_size] * self.block_size + pos % self.block_size
 
     @torch.inference_mode()
-    def prefill(self, cache: KVCache, token_ids: list[int], start: int = 0,
-                all_logits: bool = False) -> torch.Tensor:
-        """Feed one sequence's tokens at positions start.. into the cache; logits (V,) of the
-        last, or (T, V) of every position when all_logits."""
-        tokens = torch.tensor([token_ids], device=self.device)
-        positions = torch.arange(start, start + len(token_ids), device=self.device)[None]
-        select = None if all_logits else torch.tensor([len(token_ids) - 1], device=self.device)
-        return self.model(tokens, positions, cache, select=select)[0]
+    def execute(self, batch: list[ScheduledSequence]) -> tuple[torch.Tensor, list[LogitsSpan]]:
+        """Run one step: every scheduled sequence's next tokens. Returns the logits rows that
+        were needed (float32, (M, V)) and, per scheduled sequence in order, where its rows are."""
+        order = sorted(range(len(batch)), key=lambda i: batch[i].num_tokens > 1)  # single tokens first
+        bs, dev = self.block_size, self.device
+        tokens, positions, slots, wanted = [], [], [], []
+        spans: list[LogitsSpan | None] = [None] * len(batch)
+        decode_rows, segments = [], []
+        for i in order:
+            seq, n = batch[i].seq, batch[i].num_tokens
+            start = seq.num_computed
+            table = seq.block_table.blocks
+            row = len(tokens)
+            tokens += seq.tokens[start:start + n]
+            positions += range(start, start + n)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            first = max(seq.logits_from, start)
+            spans[i] = LogitsSpan(len(wanted), max(0, start + n - first), first)
+            wanted += range(row + first - start, row + n)
+            if n == 1:
+                decode_rows.append((seq, start + 1))
+            else:
+                segments.append((row, n, seq, start))
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), num_decodes=len(decode_rows),
+                                 cache=self.cache)
+        if decode_rows:
+            lengths = torch.tensor([n for _, n in decode_rows], device=dev)
+            S = int(lengths.max())
+            meta.decode_key_slots = self._slots(self._tables([s for s, _ in decode_rows]), S)
+            meta.decode_mask = (torch.arange(S, device=dev)[None] < lengths[:, None])[:, None, None]
+        for row, n, seq, start in segments:
+            K = start + n
+            key_slots = self._slots(self._tables([seq]), K)[0]
+            q_pos = torch.arange(start, K, device=dev)
+            mask = (torch.arange(K, device=dev)[None] <= q_pos[:, None])[None, None]
+            meta.segments.append(Segment(row, row + n, key_slots, mask))
+        logits = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), meta,
+                            torch.tensor(wanted, dtype=torch.long, device=dev))
+        return logits, spans
 
-    @torch.inference_mode()
-    def decode(self, cache: KVCache, token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One new token per row at its own position; logits (B, V)."""
-        tokens = torch.tensor(token_ids, device=self.device)[:, None]
-        pos = torch.tensor(positions, device=self.device)[:, None]
-        return self.model(tokens, pos, cache)[:, -1]
+    def _tables(self, seqs) -> torch.Tensor:
+        width = max(len(s.block_table.blocks) for s in seqs)
+        return torch.tensor([s.block_table.blocks + [0] * (width - len(s.block_table.blocks)) for s in seqs],
+                            device=self.device)
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
-        """Logits (T, V) of every position of one sequence, without a cache."""
-        tokens = torch.tensor([token_ids], device=self.device)
-        positions = torch.arange(len(token_ids), device=self.device)[None]
-        return self.model(tokens, positions)[0]
+        """Logits (T, V) of every position of one sequence, computed whole without the cache."""
+        tokens = torch.tensor(token_ids, device=self.device)
+        return self.model(tokens, torch.arange(len(token_ids), device=self.device))

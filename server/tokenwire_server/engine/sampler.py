@@ -1,5 +1,6 @@
 """Sampler: picks the next token of every row of a batch in one pass, each row with its own
-temperature, top-k, top-p, min-p and random generator."""
+parameters: logit bias, min_new_tokens, repetition/presence/frequency penalties,
+temperature, top-k, top-p, min-p and a seeded random generator."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from .sampling_params import SamplingParams
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> torch.Tensor:
-        """logits (B, V) float32 -> token ids (B,)."""
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                 histories: list[tuple[list[int], list[int]]] | None = None,
+                 banned: list[list[int]] | None = None) -> torch.Tensor:
+        """logits (B, V) float32 -> token ids (B,). histories: (prompt ids, output ids) per row,
+        for penalties; banned: token ids a row may not produce yet (min_new_tokens)."""
+        logits = self._adjust(logits, params, histories, banned)
         greedy = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
             return greedy  # fast path: no sorting, no randomness
@@ -27,6 +31,40 @@ class Sampler:
         sampled = (probs / q).argmax(dim=-1)
         is_greedy = torch.tensor([p.greedy for p in params], device=device)
         return torch.where(is_greedy, greedy, sampled)
+
+    @staticmethod
+    def _adjust(logits, params, histories, banned) -> torch.Tensor:
+        """Logit bias, bans and penalties (they apply to greedy rows too)."""
+        B, V = logits.shape
+        device = logits.device
+        if any(p.logit_bias for p in params) or any(banned or ()):
+            logits = logits.clone()
+            for row, p in enumerate(params):
+                if p.logit_bias:
+                    ids = torch.tensor(list(p.logit_bias), device=device)
+                    logits[row, ids] += torch.tensor(list(p.logit_bias.values()), device=device)
+                if banned and banned[row]:
+                    logits[row, torch.tensor(banned[row], device=device)] = float("-inf")
+        rep = [p.repetition_penalty != 1.0 for p in params]
+        pres_freq = [p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params]
+        if not (any(rep) or any(pres_freq)):
+            return logits
+        counts = torch.zeros(B, V, device=device)  # occurrences in the output so far
+        seen = torch.zeros(B, V, dtype=torch.bool, device=device)  # in the prompt or the output
+        for row, (prompt, output) in enumerate(histories):
+            if output:
+                counts[row].scatter_add_(0, torch.tensor(output, device=device),
+                                         torch.ones(len(output), device=device))
+            if rep[row]:
+                seen[row, torch.tensor(prompt + output, device=device)] = True
+        # Repetition penalty (CTRL / transformers rule): a seen token's logit is divided by the
+        # penalty when positive, multiplied when negative.
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        # Presence and frequency penalties (OpenAI rule), over generated tokens only.
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        return logits - presence * (counts > 0) - frequency * counts
 
     @staticmethod
     def _filter(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

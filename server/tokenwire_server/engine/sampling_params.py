@@ -17,6 +17,12 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int | None = None  # None: the engine draws one and reports it
+    # Penalties and biases
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
+    presence_penalty: float = 0.0  # subtracted once from tokens already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits; -100 bans
+    min_new_tokens: int = 0  # end and stop tokens are banned until this many are generated
     # Stopping
     max_new_tokens: int = 256
     stop_sequences: list[str] = field(default_factory=list)
@@ -46,6 +52,22 @@ class SamplingParams:
             raise InvalidArgument("min_p", f"must be in [0, 1], got {self.min_p}")
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise InvalidArgument("seed", f"must be in [0, 2^63), got {self.seed}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise InvalidArgument("repetition_penalty", f"must be > 0 (1 is off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -2.0 <= value <= 2.0):
+                raise InvalidArgument(name, f"must be in [-2, 2], got {value}")
+        if len(self.logit_bias) > limits.max_logit_bias:
+            raise InvalidArgument("logit_bias", f"{len(self.logit_bias)} entries, at most {limits.max_logit_bias}")
+        for token, bias in self.logit_bias.items():
+            if vocab_size is not None and not 0 <= token < vocab_size:
+                raise InvalidArgument("logit_bias", f"token id {token} is outside the vocabulary [0, {vocab_size})")
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise InvalidArgument("logit_bias", f"bias for token {token} must be in [-100, 100], got {bias}")
+        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            raise InvalidArgument("min_new_tokens", f"must be in [0, max_new_tokens={self.max_new_tokens}], "
+                                                    f"got {self.min_new_tokens}")
         if self.max_new_tokens < 1:
             raise InvalidArgument("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         if self.max_new_tokens > limits.max_new_tokens:

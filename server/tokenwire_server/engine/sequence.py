@@ -1,11 +1,13 @@
-"""Sequence: one generation request's state as it moves through the engine."""
+"""Sequence: one generation or scoring request's state as it moves through the engine."""
 
 from __future__ import annotations
 
+import enum
 import itertools
 import time
 from dataclasses import dataclass, field
 
+from .block_manager import BlockTable
 from .logprobs import TokenLogprob
 from .outputs import FinishReason
 from .sampling_params import SamplingParams
@@ -13,19 +15,48 @@ from .sampling_params import SamplingParams
 _ids = itertools.count()
 
 
-@dataclass
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     request_id: str = field(default_factory=lambda: f"seq-{next(_ids)}")
     truncated: bool = False  # prompt tokens were dropped to fit
+    # Scoring: no generation; logprobs of prompt_ids[score_from:] (None: a generation).
+    score_from: int | None = None
     output_ids: list[int] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob] | None = None  # for prompt_ids[1:], when asked
-    cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] | None = None  # for prompt_ids[1:] (or [score_from:]), when asked
+    status: Status = Status.WAITING
+    block_table: BlockTable = field(default_factory=BlockTable)
+    num_computed: int = 0  # tokens whose keys and values are in the cache
+    cached_tokens: int = 0  # of the prompt, found in the prefix cache
+    all_greedy: bool = True  # scoring: every scored token was the most likely one
     finish_reason: FinishReason | None = None
     stop_sequence: str = ""
     # Monotonic timestamps
     arrival: float = field(default_factory=time.monotonic)
-    started: float | None = None  # the engine took it up
+    started: float | None = None  # first scheduled
     first_token: float | None = None
     finished: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def logits_from(self) -> int:
+        """First position whose logits are needed: those positions must be computed, not cached."""
+        if self.score_from is not None:
+            return self.score_from - 1
+        if self.params.prompt_logprobs and not self.output_ids:
+            return 0
+        return self.num_tokens - 1

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kv_cache import KVCache, causal_mask
+from .kv_cache import AttentionMetadata, attention
 
 
 class Attention(nn.Module):
@@ -17,16 +17,11 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.dim, 3 * config.dim)  # q, k, v in one projection
         self.c_proj = nn.Linear(config.dim, config.dim)
 
-    def forward(self, x, mask, positions, cache: KVCache | None, layer: int, kv_len: int):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(layer, positions, k, v, kv_len)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+    def forward(self, x, meta: AttentionMetadata, layer: int):
+        N, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=1)
+        q, k, v = (t.view(N, self.n_heads, self.head_dim) for t in (q, k, v))  # (N, nh, hd)
+        return self.c_proj(attention(q, k, v, layer, meta).reshape(N, C))
 
 
 class MLP(nn.Module):
@@ -47,13 +42,13 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, positions, cache, layer, kv_len):
-        x = x + self.attn(self.ln_1(x), mask, positions, cache, layer, kv_len)
+    def forward(self, x, meta, layer):
+        x = x + self.attn(self.ln_1(x), meta, layer)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT2(nn.Module):
-    """Token ids and per-sequence positions in, logits out (same contract as Llama)."""
+    """Same contract as Llama."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -67,12 +62,12 @@ class GPT2(nn.Module):
     def tie_weights(self):
         self.lm_head.weight = self.wte.weight
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                select: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.wte(tokens) + self.wpe(positions)  # (B, T, dim)
-        mask, kv_len = causal_mask(positions, cache)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata | None = None,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        meta = meta or AttentionMetadata.uncached(positions)
+        x = self.wte(tokens) + self.wpe(positions)  # (N, dim)
         for i, block in enumerate(self.h):
-            x = block(x, mask, positions, cache, i, kv_len)
-        if select is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), select]
+            x = block(x, meta, i)
+        if logits_indices is not None:
+            x = x[logits_indices]
         return self.lm_head(self.ln_f(x)).float()

@@ -1,47 +1,87 @@
-"""KVCache: keys and values of past positions, one slot per position per sequence."""
+"""The paged KV cache's memory, and the attention that reads it.
+
+Memory: per layer, one tensor of `num_slots` token slots (slot = block * block_size + offset)
+for keys and one for values; which slots a sequence owns is the engine's BlockManager's
+business. Attention takes a flat batch of N tokens from many sequences (decodes of one
+token and prompt chunks of several) and an AttentionMetadata saying where each token's
+keys go and which slots each query reads."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn.functional as F
 
 
 class KVCache:
-    """Contiguous cache for a fixed batch of sequences.
-
-    Position p of row b lives in slot p, so the slot index is the key's position
-    and a causal mask is just `key_position <= query_position`.
-    """
-
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+    def __init__(self, n_layers: int, num_slots: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.max_len = max_len
-        self.rows = torch.arange(batch, device=device)[:, None]  # (B, 1) for scatter indexing
-
-    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, D) at `positions` (B, T); return slots [0, kv_len) of the layer."""
-        k_cache, v_cache = self.k[layer], self.v[layer]
-        rows = self.rows[: k.shape[0]]
-        # Advanced indices around a slice put the indexed dims first: (B, T, Hkv, D).
-        k_cache[rows, :, positions] = k.transpose(1, 2)
-        v_cache[rows, :, positions] = v.transpose(1, 2)
-        return k_cache[: k.shape[0], :, :kv_len], v_cache[: k.shape[0], :, :kv_len]
+        shape = (num_slots, n_kv_heads, head_dim)
+        # empty, not zeros: slots are always written before they are read.
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.num_slots = num_slots
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    @staticmethod
+    def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * n_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-def causal_mask(positions: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, int]:
-    """Mask (B, 1, T, S) where a query at position p sees keys at positions <= p, and S.
 
-    Without a cache the keys are this call's own tokens; with one they are slots [0, S)."""
-    if cache is None:
-        kv_len, key_positions = positions.shape[1], positions
-    else:
-        kv_len = int(positions.max()) + 1
-        key_positions = torch.arange(kv_len, device=positions.device).expand(positions.shape[0], -1)
-    return key_positions[:, None, None, :] <= positions[:, None, :, None], kv_len
+@dataclass
+class Segment:
+    """Several tokens of one sequence (a prompt chunk): flat rows [start, end)."""
+
+    start: int
+    end: int
+    key_slots: torch.Tensor | None  # (K,) slots of keys 0..K-1; None: the chunk's own keys, no cache
+    mask: torch.Tensor  # (1, 1, T, K) bool
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor | None  # (N,) where each token's keys and values are written
+    num_decodes: int = 0  # rows [0, num_decodes) are one token each, attended to as a batch
+    decode_key_slots: torch.Tensor | None = None  # (D, S) slots each decode row reads (padded)
+    decode_mask: torch.Tensor | None = None  # (D, 1, 1, S) bool: real keys
+    segments: list[Segment] = field(default_factory=list)
+    cache: KVCache | None = None
+
+    @classmethod
+    def uncached(cls, positions: torch.Tensor) -> AttentionMetadata:
+        """One sequence, no cache: every token attends to the ones before it (for tests and
+        whole-sequence logits)."""
+        T = positions.shape[0]
+        mask = (positions[None, :] <= positions[:, None])[None, None]
+        return cls(slot_mapping=None, segments=[Segment(0, T, None, mask)])
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: AttentionMetadata) -> torch.Tensor:
+    """q (N, nh, hd), k and v (N, nkv, hd) of this step's tokens -> (N, nh, hd)."""
+    gqa = q.shape[1] != k.shape[1]
+    cache = meta.cache
+    if cache is not None:
+        k_cache, v_cache = cache.k[layer], cache.v[layer]  # (slots, nkv, hd)
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    D = meta.num_decodes
+    if D:
+        keys = k_cache[meta.decode_key_slots].transpose(1, 2)  # (D, S, nkv, hd) -> (D, nkv, S, hd)
+        values = v_cache[meta.decode_key_slots].transpose(1, 2)
+        y = F.scaled_dot_product_attention(q[:D, :, None], keys, values, attn_mask=meta.decode_mask, enable_gqa=gqa)
+        out[:D] = y[:, :, 0]
+    for seg in meta.segments:
+        if seg.key_slots is None:
+            keys, values = k[seg.start:seg.end], v[seg.start:seg.end]
+        else:
+            keys, values = k_cache[seg.key_slots], v_cache[seg.key_slots]  # (K, nkv, hd)
+        qs = q[seg.start:seg.end].transpose(0, 1)[None]  # (1, nh, T, hd)
+        y = F.scaled_dot_product_attention(qs, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                                           attn_mask=seg.mask, enable_gqa=gqa)
+        out[seg.start:seg.end] = y[0].transpose(0, 1)
+    return out

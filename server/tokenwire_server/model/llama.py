@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kv_cache import KVCache, causal_mask
+from .kv_cache import AttentionMetadata, attention
 
 
 class RMSNorm(nn.Module):
@@ -63,18 +63,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, positions, cache: KVCache | None, layer: int, kv_len: int):
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    def forward(self, x, cos, sin, meta: AttentionMetadata, layer: int):
+        N = x.shape[0]
+        q = self.wq(x).view(N, self.n_heads, self.head_dim)  # (N, nh, hd)
+        k = self.wk(x).view(N, self.n_kv_heads, self.head_dim)  # (N, nkv, hd)
+        v = self.wv(x).view(N, self.n_kv_heads, self.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(layer, positions, k, v, kv_len)  # (B, nkv, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(attention(q, k, v, layer, meta).reshape(N, -1))
 
 
 class FeedForward(nn.Module):
@@ -96,13 +92,13 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, cos, sin, mask, positions, cache, layer, kv_len):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, positions, cache, layer, kv_len)
+    def forward(self, x, cos, sin, meta, layer):
+        x = x + self.attention(self.attention_norm(x), cos, sin, meta, layer)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Llama(nn.Module):
-    """Token ids and per-sequence positions in, logits out."""
+    """Token ids, their positions in their own sequences and cache slots in; logits out."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -120,19 +116,20 @@ class Llama(nn.Module):
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
         if self._inv_freq is None or self._inv_freq.device != positions.device:
             self._inv_freq = rope_inv_freq(self.config).to(positions.device)
-        freqs = positions[..., None].float() * self._inv_freq  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        freqs = positions[:, None].float() * self._inv_freq  # (N, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (N, 1, hd): broadcast over heads
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                select: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, positions: (B, T). select: optional (B,) index of the one position per row
-        whose logits are wanted (skips the output head elsewhere). Returns (B, T, V) or (B, V)."""
-        x = self.tok_embeddings(tokens)  # (B, T, dim)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata | None = None,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions: (N,) flat over the batch's sequences. logits_indices: the rows
+        whose logits are wanted (the output head is skipped elsewhere). Returns float32 (M, V).
+        Without metadata, the tokens are one sequence attending to itself (no cache)."""
+        meta = meta or AttentionMetadata.uncached(positions)
+        x = self.tok_embeddings(tokens)  # (N, dim)
         cos, sin = self.rotary(positions, x.dtype)
-        mask, kv_len = causal_mask(positions, cache)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, positions, cache, i, kv_len)
-        if select is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), select]  # (B, dim)
+            x = layer(x, cos, sin, meta, i)
+        if logits_indices is not None:
+            x = x[logits_indices]
         return self.output(self.norm(x)).float()
