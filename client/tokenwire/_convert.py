@@ -13,7 +13,10 @@ FINISH_REASONS = {v.number: v.name.removeprefix("FINISH_REASON_").lower()
 def generate_request(prompt: str | None = None, *, token_ids: list[int] | None = None,
                      messages: list[dict] | None = None, temperature: float | None = None,
                      top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                     seed: int | None = None, max_new_tokens: int | None = None,
+                     seed: int | None = None, repetition_penalty: float | None = None,
+                     presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                     logit_bias: dict[int, float] | None = None, min_new_tokens: int = 0,
+                     max_new_tokens: int | None = None,
                      stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
                      include_stop_sequence: bool = False, time_limit: float | None = None,
                      ignore_eos: bool = False, logprobs: bool = False, ranks: bool = False, top_n: int = 0,
@@ -22,8 +25,11 @@ def generate_request(prompt: str | None = None, *, token_ids: list[int] | None =
     if sum(given) != 1:
         raise ValueError("give exactly one of prompt, token_ids or messages")
     req = pb.GenerateRequest(
-        sampling=pb.SamplingParameters(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed),
-        stopping=pb.StoppingCriteria(max_new_tokens=max_new_tokens, stop_sequences=stop or [],
+        sampling=pb.SamplingParameters(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                                       repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                       frequency_penalty=frequency_penalty, logit_bias=logit_bias or {}),
+        stopping=pb.StoppingCriteria(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                     stop_sequences=stop or [],
                                      stop_token_ids=stop_token_ids or [],
                                      include_stop_sequence=include_stop_sequence,
                                      time_limit_seconds=time_limit, ignore_eos=ignore_eos),

@@ -113,9 +113,10 @@ class Client:
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> Generation:
         """Generate from text (or token_ids=..., or messages=[{"role", "content"}]) and collect
-        the stream. Keyword arguments: temperature, top_k, top_p, min_p, seed, max_new_tokens,
-        stop, stop_token_ids, include_stop_sequence, time_limit, ignore_eos, logprobs, ranks,
-        top_n, prompt_tokens, truncate_input_tokens."""
+        the stream. Keyword arguments: temperature, top_k, top_p, min_p, seed,
+        repetition_penalty, presence_penalty, frequency_penalty, logit_bias ({id: bias}),
+        max_new_tokens, min_new_tokens, stop, stop_token_ids, include_stop_sequence, time_limit,
+        ignore_eos, logprobs, ranks, top_n, prompt_tokens, truncate_input_tokens."""
         return self.generate_stream(prompt, timeout=timeout, **kwargs).result()
 
     def score(self, items: list, *, ranks: bool = False, top_n: int = 0, timeout: float | None = None) -> list[Scored]:

@@ -39,6 +39,12 @@ def expect(call, field, code=INVALID):
     (dict(time_limit=-1.0), "stopping.time_limit_seconds"),
     (dict(top_n=21), "response.top_n"),
     (dict(truncate_input_tokens=0), "truncate_input_tokens"),
+    (dict(repetition_penalty=0.0), "sampling.repetition_penalty"),
+    (dict(presence_penalty=3.0), "sampling.presence_penalty"),
+    (dict(frequency_penalty=-2.5), "sampling.frequency_penalty"),
+    (dict(logit_bias={49152: 1.0}), "sampling.logit_bias"),
+    (dict(logit_bias={5: -101.0}), "sampling.logit_bias"),
+    (dict(min_new_tokens=20, max_new_tokens=10), "stopping.min_new_tokens"),
 ])
 def test_generate_parameters(client, served, kwargs, field):
     before = served.stats.generated_tokens

@@ -58,3 +58,26 @@ def test_prompt_longer_than_context(make_engine):
     small = make_engine(max_model_len=8, kv_cache_tokens=256)
     with pytest.raises(InvalidArgument, match="exceed the model's context of 8 with room to generate"):
         list(small.generate(list(range(100, 108)), SamplingParams()))
+
+
+def test_min_new_tokens_suppresses_the_end_token(engine, tokenizer):
+    chat = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}]),
+                            allow_special=True)
+    plain = [t.token_id for t in engine.generate(chat, SamplingParams(temperature=0, max_new_tokens=64))]
+    assert plain[-1] in tokenizer.eos_ids
+    need = len(plain) + 10
+    forced = list(engine.generate(chat, SamplingParams(temperature=0, max_new_tokens=64, min_new_tokens=need)))
+    assert len(forced) >= need and all(t.token_id not in tokenizer.eos_ids for t in forced[:need])
+
+
+def test_stop_token_ids_and_repetition_penalty(engine, tokenizer):
+    prompt = tokenizer.encode("one one one one one one one")
+    greedy = [t.token_id for t in engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=8,
+                                                                         ignore_eos=True))]
+    stopped = list(engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True,
+                                                          stop_token_ids=[greedy[2]])))
+    assert stopped[-1].finish_reason is FinishReason.STOP_TOKEN and len(stopped) == greedy.index(greedy[2]) + 1
+    penalised = [t.token_id for t in engine.generate(prompt, SamplingParams(
+        temperature=0, max_new_tokens=8, ignore_eos=True, repetition_penalty=5.0))]
+    repeated = max(set(greedy), key=greedy.count)
+    assert greedy.count(repeated) > 1 and penalised.count(repeated) < greedy.count(repeated)

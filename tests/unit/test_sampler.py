@@ -96,3 +96,45 @@ def test_stop_token_ids_must_be_in_the_vocabulary():
     with pytest.raises(InvalidArgument) as e:
         SamplingParams(stop_token_ids=[3, 100]).validate(vocab_size=50)
     assert e.value.field == "stop_token_ids[1]"
+
+
+def test_repetition_penalty_rule():
+    logits = torch.tensor([[2.0, -1.0, 3.0, 0.5]])
+    params = [SamplingParams(temperature=0, repetition_penalty=2.0)]
+    out = Sampler._adjust(logits, params, [([0], [1])], None)
+    # Seen tokens 0 (prompt) and 1 (output): positive divided, negative multiplied; others unchanged.
+    assert out.tolist() == [[1.0, -2.0, 3.0, 0.5]]
+
+
+def test_presence_and_frequency_penalties_rule():
+    logits = torch.zeros(1, 5)
+    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)]
+    out = Sampler._adjust(logits, params, [([4, 4], [3, 3, 1])], None)
+    # Output tokens only (the prompt's 4 is untouched): -presence - frequency * count.
+    assert out.tolist() == [[0.0, -0.75, 0.0, -1.0, 0.0]]
+
+
+def test_logit_bias_bans_and_favours():
+    logits = torch.tensor([[5.0, 4.0, 0.0, -1.0]])
+    banned = Sampler()(logits, [SamplingParams(temperature=0, logit_bias={0: -100.0})], [None])
+    assert banned.tolist() == [1]
+    favoured = Sampler()(logits, [SamplingParams(temperature=0, logit_bias={3: 10.0})], [None])
+    assert favoured.tolist() == [3]
+    draws = draw(SamplingParams(temperature=1.0, logit_bias={0: -100.0}), n=2000)
+    assert 0 not in set(draws.tolist())
+
+
+def test_banned_tokens_are_never_chosen():
+    logits = torch.tensor([[1.0, 9.0, 2.0]])  # token 1 (say, the end token) is the favourite
+    assert Sampler()(logits, [SamplingParams(temperature=0)], [None], None, [[1]]).tolist() == [2]
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty"), (dict(logit_bias={5: 101.0}), "logit_bias"),
+    (dict(logit_bias={10**6: 1.0}), "logit_bias"), (dict(min_new_tokens=300, max_new_tokens=10), "min_new_tokens"),
+])
+def test_penalty_validation(kwargs, field):
+    with pytest.raises(InvalidArgument) as e:
+        SamplingParams(**kwargs).validate(vocab_size=1000)
+    assert e.value.field == field

@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenwire/v1/tokenwire.proto\x12\x0ctokenwire.v1\"\xba\x01\n\x0fTokenizeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\x12\x15\n\rallow_special\x18\x03 \x01(\x08\x12\"\n\x15truncate_input_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x10\n\x08\x65ncoding\x18\x05 \x01(\t\x12\x15\n\rreturn_tokens\x18\x06 \x01(\x08\x42\x18\n\x16_truncate_input_tokens\"A\n\x10TokenizeResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.tokenwire.v1.TokenizeResult\"y\n\x0eTokenizeResult\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\'\n\x06tokens\x18\x03 \x03(\x0b\x32\x17.tokenwire.v1.TokenSpan\x12\x1c\n\x14original_token_count\x18\x04 \x01(\r\"e\n\tTokenSpan\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nbyte_start\x18\x02 \x01(\r\x12\x10\n\x08\x62yte_end\x18\x03 \x01(\r\x12\x12\n\nchar_start\x18\x04 \x01(\r\x12\x10\n\x08\x63har_end\x18\x05 \x01(\r\"=\n\x11\x44\x65tokenizeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xd8\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.tokenwire.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.tokenwire.v1.ChatMessagesH\x00\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .tokenwire.v1.SamplingParameters\x12\x30\n\x08stopping\x18\x05 \x01(\x0b\x32\x1e.tokenwire.v1.StoppingCriteria\x12/\n\x08response\x18\x06 \x01(\x0b\x32\x1d.tokenwire.v1.ResponseOptions\x12\"\n\x15truncate_input_tokens\x18\x07 \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05inputB\x18\n\x16_truncate_input_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb4\x01\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x07\n\x05_seed\"\xdd\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\r\x12\x1d\n\x15include_stop_sequence\x18\x04 \x01(\x08\x12\x1f\n\x12time_limit_seconds\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x15\n\x13_time_limit_seconds\"X\n\x0fResponseOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\x08\x12\r\n\x05ranks\x18\x02 \x01(\x08\x12\r\n\x05top_n\x18\x03 \x01(\r\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x08\"\x91\x01\n\x10GenerateResponse\x12(\n\x05input\x18\x01 \x01(\x0b\x32\x17.tokenwire.v1.InputInfoH\x00\x12$\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x13.tokenwire.v1.DeltaH\x00\x12$\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x13.tokenwire.v1.FinalH\x00\x42\x07\n\x05\x65vent\"x\n\tInputInfo\x12\x1a\n\x12prompt_token_count\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12.\n\rprompt_tokens\x18\x04 \x03(\x0b\x32\x17.tokenwire.v1.TokenInfo\">\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\'\n\x06tokens\x18\x02 \x03(\x0b\x32\x17.tokenwire.v1.TokenInfo\"\x88\x01\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04rank\x18\x04 \x01(\rH\x01\x88\x01\x01\x12#\n\x03top\x18\x05 \x03(\x0b\x32\x16.tokenwire.v1.TopTokenB\n\n\x08_logprobB\x07\n\x05_rank\"5\n\x08TopToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"u\n\x05\x46inal\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.tokenwire.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.tokenwire.v1.Usage\"\x9b\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\x05 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\"T\n\x0cScoreRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.tokenwire.v1.ScoreItem\x12\r\n\x05ranks\x18\x02 \x01(\x08\x12\r\n\x05top_n\x18\x03 \x01(\r\"W\n\tScoreItem\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x31\n\x04pair\x18\x02 \x01(\x0b\x32!.tokenwire.v1.ContextContinuationH\x00\x42\x07\n\x05input\"<\n\x13\x43ontextContinuation\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\x02 \x01(\t\";\n\rScoreResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.tokenwire.v1.ScoreResult\"\x87\x01\n\x0bScoreResult\x12\'\n\x06tokens\x18\x01 \x03(\x0b\x32\x17.tokenwire.v1.TokenInfo\x12\x13\n\x0blogprob_sum\x18\x02 \x01(\x01\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12\x12\n\nperplexity\x18\x04 \x01(\x01\x12\x11\n\tis_greedy\x18\x05 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\xf9\x01\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x17\n\x0fparameter_count\x18\x03 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\rend_token_ids\x18\x06 \x03(\r\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12*\n\x06limits\x18\n \x01(\x0b\x32\x1a.tokenwire.v1.ServerLimits\"\xc8\x01\n\x0cServerLimits\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x02 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x03 \x01(\r\x12\x1f\n\x17max_stop_sequence_chars\x18\x04 \x01(\r\x12\x11\n\tmax_top_n\x18\x05 \x01(\r\x12\x17\n\x0fmax_batch_items\x18\x06 \x01(\r\x12\x17\n\x0fmax_input_chars\x18\x07 \x01(\r*\xf9\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x04\x12\x1f\n\x1b\x46INISH_REASON_CONTEXT_LIMIT\x10\x05\x12\x1c\n\x18\x46INISH_REASON_TIME_LIMIT\x10\x06\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x07\x32\x84\x03\n\tTokenwire\x12I\n\x08Tokenize\x12\x1d.tokenwire.v1.TokenizeRequest\x1a\x1e.tokenwire.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.tokenwire.v1.DetokenizeRequest\x1a .tokenwire.v1.DetokenizeResponse\x12K\n\x08Generate\x12\x1d.tokenwire.v1.GenerateRequest\x1a\x1e.tokenwire.v1.GenerateResponse0\x01\x12@\n\x05Score\x12\x1a.tokenwire.v1.ScoreRequest\x1a\x1b.tokenwire.v1.ScoreResponse\x12L\n\tModelInfo\x12\x1e.tokenwire.v1.ModelInfoRequest\x1a\x1f.tokenwire.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenwire/v1/tokenwire.proto\x12\x0ctokenwire.v1\"\xba\x01\n\x0fTokenizeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\x12\x15\n\rallow_special\x18\x03 \x01(\x08\x12\"\n\x15truncate_input_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x10\n\x08\x65ncoding\x18\x05 \x01(\t\x12\x15\n\rreturn_tokens\x18\x06 \x01(\x08\x42\x18\n\x16_truncate_input_tokens\"A\n\x10TokenizeResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.tokenwire.v1.TokenizeResult\"y\n\x0eTokenizeResult\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\'\n\x06tokens\x18\x03 \x03(\x0b\x32\x17.tokenwire.v1.TokenSpan\x12\x1c\n\x14original_token_count\x18\x04 \x01(\r\"e\n\tTokenSpan\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nbyte_start\x18\x02 \x01(\r\x12\x10\n\x08\x62yte_end\x18\x03 \x01(\r\x12\x12\n\nchar_start\x18\x04 \x01(\r\x12\x10\n\x08\x63har_end\x18\x05 \x01(\r\"=\n\x11\x44\x65tokenizeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xd8\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.tokenwire.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.tokenwire.v1.ChatMessagesH\x00\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .tokenwire.v1.SamplingParameters\x12\x30\n\x08stopping\x18\x05 \x01(\x0b\x32\x1e.tokenwire.v1.StoppingCriteria\x12/\n\x08response\x18\x06 \x01(\x0b\x32\x1d.tokenwire.v1.ResponseOptions\x12\"\n\x15truncate_input_tokens\x18\x07 \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05inputB\x18\n\x16_truncate_input_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xcd\x03\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x43\n\nlogit_bias\x18\t \x03(\x0b\x32/.tokenwire.v1.SamplingParameters.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xf5\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\r\x12\x1d\n\x15include_stop_sequence\x18\x04 \x01(\x08\x12\x1f\n\x12time_limit_seconds\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x16\n\x0emin_new_tokens\x18\x07 \x01(\rB\x11\n\x0f_max_new_tokensB\x15\n\x13_time_limit_seconds\"X\n\x0fResponseOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\x08\x12\r\n\x05ranks\x18\x02 \x01(\x08\x12\r\n\x05top_n\x18\x03 \x01(\r\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x08\"\x91\x01\n\x10GenerateResponse\x12(\n\x05input\x18\x01 \x01(\x0b\x32\x17.tokenwire.v1.InputInfoH\x00\x12$\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x13.tokenwire.v1.DeltaH\x00\x12$\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x13.tokenwire.v1.FinalH\x00\x42\x07\n\x05\x65vent\"x\n\tInputInfo\x12\x1a\n\x12prompt_token_count\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12.\n\rprompt_tokens\x18\x04 \x03(\x0b\x32\x17.tokenwire.v1.TokenInfo\">\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\'\n\x06tokens\x18\x02 \x03(\x0b\x32\x17.tokenwire.v1.TokenInfo\"\x88\x01\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04rank\x18\x04 \x01(\rH\x01\x88\x01\x01\x12#\n\x03top\x18\x05 \x03(\x0b\x32\x16.tokenwire.v1.TopTokenB\n\n\x08_logprobB\x07\n\x05_rank\"5\n\x08TopToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"u\n\x05\x46inal\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.tokenwire.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.tokenwire.v1.Usage\"\x9b\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\x05 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\"T\n\x0cScoreRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.tokenwire.v1.ScoreItem\x12\r\n\x05ranks\x18\x02 \x01(\x08\x12\r\n\x05top_n\x18\x03 \x01(\r\"W\n\tScoreItem\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x31\n\x04pair\x18\x02 \x01(\x0b\x32!.tokenwire.v1.ContextContinuationH\x00\x42\x07\n\x05input\"<\n\x13\x43ontextContinuation\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\x02 \x01(\t\";\n\rScoreResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.tokenwire.v1.ScoreResult\"\x87\x01\n\x0bScoreResult\x12\'\n\x06tokens\x18\x01 \x03(\x0b\x32\x17.tokenwire.v1.TokenInfo\x12\x13\n\x0blogprob_sum\x18\x02 \x01(\x01\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12\x12\n\nperplexity\x18\x04 \x01(\x01\x12\x11\n\tis_greedy\x18\x05 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\xf9\x01\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x17\n\x0fparameter_count\x18\x03 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\rend_token_ids\x18\x06 \x03(\r\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12*\n\x06limits\x18\n \x01(\x0b\x32\x1a.tokenwire.v1.ServerLimits\"\xc8\x01\n\x0cServerLimits\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x02 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x03 \x01(\r\x12\x1f\n\x17max_stop_sequence_chars\x18\x04 \x01(\r\x12\x11\n\tmax_top_n\x18\x05 \x01(\r\x12\x17\n\x0fmax_batch_items\x18\x06 \x01(\r\x12\x17\n\x0fmax_input_chars\x18\x07 \x01(\r*\xf9\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x04\x12\x1f\n\x1b\x46INISH_REASON_CONTEXT_LIMIT\x10\x05\x12\x1c\n\x18\x46INISH_REASON_TIME_LIMIT\x10\x06\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x07\x32\x84\x03\n\tTokenwire\x12I\n\x08Tokenize\x12\x1d.tokenwire.v1.TokenizeRequest\x1a\x1e.tokenwire.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.tokenwire.v1.DetokenizeRequest\x1a .tokenwire.v1.DetokenizeResponse\x12K\n\x08Generate\x12\x1d.tokenwire.v1.GenerateRequest\x1a\x1e.tokenwire.v1.GenerateResponse0\x01\x12@\n\x05Score\x12\x1a.tokenwire.v1.ScoreRequest\x1a\x1b.tokenwire.v1.ScoreResponse\x12L\n\tModelInfo\x12\x1e.tokenwire.v1.ModelInfoRequest\x1a\x1f.tokenwire.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenwire.v1.tokenwire_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=3320
-  _globals['_FINISHREASON']._serialized_end=3569
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=3625
+  _globals['_FINISHREASON']._serialized_end=3874
   _globals['_TOKENIZEREQUEST']._serialized_start=47
   _globals['_TOKENIZEREQUEST']._serialized_end=233
   _globals['_TOKENIZERESPONSE']._serialized_start=235
@@ -54,41 +56,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=1060
   _globals['_CHATMESSAGE']._serialized_end=1104
   _globals['_SAMPLINGPARAMETERS']._serialized_start=1107
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=1287
-  _globals['_STOPPINGCRITERIA']._serialized_start=1290
-  _globals['_STOPPINGCRITERIA']._serialized_end=1511
-  _globals['_RESPONSEOPTIONS']._serialized_start=1513
-  _globals['_RESPONSEOPTIONS']._serialized_end=1601
-  _globals['_GENERATERESPONSE']._serialized_start=1604
-  _globals['_GENERATERESPONSE']._serialized_end=1749
-  _globals['_INPUTINFO']._serialized_start=1751
-  _globals['_INPUTINFO']._serialized_end=1871
-  _globals['_DELTA']._serialized_start=1873
-  _globals['_DELTA']._serialized_end=1935
-  _globals['_TOKENINFO']._serialized_start=1938
-  _globals['_TOKENINFO']._serialized_end=2074
-  _globals['_TOPTOKEN']._serialized_start=2076
-  _globals['_TOPTOKEN']._serialized_end=2129
-  _globals['_FINAL']._serialized_start=2131
-  _globals['_FINAL']._serialized_end=2248
-  _globals['_USAGE']._serialized_start=2251
-  _globals['_USAGE']._serialized_end=2406
-  _globals['_SCOREREQUEST']._serialized_start=2408
-  _globals['_SCOREREQUEST']._serialized_end=2492
-  _globals['_SCOREITEM']._serialized_start=2494
-  _globals['_SCOREITEM']._serialized_end=2581
-  _globals['_CONTEXTCONTINUATION']._serialized_start=2583
-  _globals['_CONTEXTCONTINUATION']._serialized_end=2643
-  _globals['_SCORERESPONSE']._serialized_start=2645
-  _globals['_SCORERESPONSE']._serialized_end=2704
-  _globals['_SCORERESULT']._serialized_start=2707
-  _globals['_SCORERESULT']._serialized_end=2842
-  _globals['_MODELINFOREQUEST']._serialized_start=2844
-  _globals['_MODELINFOREQUEST']._serialized_end=2862
-  _globals['_MODELINFORESPONSE']._serialized_start=2865
-  _globals['_MODELINFORESPONSE']._serialized_end=3114
-  _globals['_SERVERLIMITS']._serialized_start=3117
-  _globals['_SERVERLIMITS']._serialized_end=3317
-  _globals['_TOKENWIRE']._serialized_start=3572
-  _globals['_TOKENWIRE']._serialized_end=3960
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=1568
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_start=1399
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_end=1447
+  _globals['_STOPPINGCRITERIA']._serialized_start=1571
+  _globals['_STOPPINGCRITERIA']._serialized_end=1816
+  _globals['_RESPONSEOPTIONS']._serialized_start=1818
+  _globals['_RESPONSEOPTIONS']._serialized_end=1906
+  _globals['_GENERATERESPONSE']._serialized_start=1909
+  _globals['_GENERATERESPONSE']._serialized_end=2054
+  _globals['_INPUTINFO']._serialized_start=2056
+  _globals['_INPUTINFO']._serialized_end=2176
+  _globals['_DELTA']._serialized_start=2178
+  _globals['_DELTA']._serialized_end=2240
+  _globals['_TOKENINFO']._serialized_start=2243
+  _globals['_TOKENINFO']._serialized_end=2379
+  _globals['_TOPTOKEN']._serialized_start=2381
+  _globals['_TOPTOKEN']._serialized_end=2434
+  _globals['_FINAL']._serialized_start=2436
+  _globals['_FINAL']._serialized_end=2553
+  _globals['_USAGE']._serialized_start=2556
+  _globals['_USAGE']._serialized_end=2711
+  _globals['_SCOREREQUEST']._serialized_start=2713
+  _globals['_SCOREREQUEST']._serialized_end=2797
+  _globals['_SCOREITEM']._serialized_start=2799
+  _globals['_SCOREITEM']._serialized_end=2886
+  _globals['_CONTEXTCONTINUATION']._serialized_start=2888
+  _globals['_CONTEXTCONTINUATION']._serialized_end=2948
+  _globals['_SCORERESPONSE']._serialized_start=2950
+  _globals['_SCORERESPONSE']._serialized_end=3009
+  _globals['_SCORERESULT']._serialized_start=3012
+  _globals['_SCORERESULT']._serialized_end=3147
+  _globals['_MODELINFOREQUEST']._serialized_start=3149
+  _globals['_MODELINFOREQUEST']._serialized_end=3167
+  _globals['_MODELINFORESPONSE']._serialized_start=3170
+  _globals['_MODELINFORESPONSE']._serialized_end=3419
+  _globals['_SERVERLIMITS']._serialized_start=3422
+  _globals['_SERVERLIMITS']._serialized_end=3622
+  _globals['_TOKENWIRE']._serialized_start=3877
+  _globals['_TOKENWIRE']._serialized_end=4265
 # @@protoc_insertion_point(module_scope)

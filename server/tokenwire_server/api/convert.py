@@ -21,6 +21,9 @@ _PARAM_PATHS = {
     "min_p": "sampling.min_p", "seed": "sampling.seed", "max_new_tokens": "stopping.max_new_tokens",
     "stop_sequences": "stopping.stop_sequences", "stop_token_ids": "stopping.stop_token_ids",
     "time_limit": "stopping.time_limit_seconds", "top_n": "response.top_n",
+    "repetition_penalty": "sampling.repetition_penalty", "presence_penalty": "sampling.presence_penalty",
+    "frequency_penalty": "sampling.frequency_penalty", "logit_bias": "sampling.logit_bias",
+    "min_new_tokens": "stopping.min_new_tokens",
 }
 
 FINISH_REASONS = {
@@ -81,6 +84,11 @@ def sampling_params(req: pb.GenerateRequest, limits: Limits, vocab_size: int) ->
         top_p=s.top_p if s.HasField("top_p") else 1.0,
         min_p=s.min_p,
         seed=s.seed if s.HasField("seed") else None,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        logit_bias=dict(s.logit_bias),
+        min_new_tokens=st.min_new_tokens,
         max_new_tokens=st.max_new_tokens if st.HasField("max_new_tokens") else limits.default_max_new_tokens,
         stop_sequences=list(st.stop_sequences),
         include_stop_sequence=st.include_stop_sequence,
