@@ -5,6 +5,7 @@
     tokenwire tokenize "Hello world" --tokens
     tokenwire score "The cat sat on the mat." ; tokenwire score " Paris" --context "The capital of France is"
     tokenwire info ; tokenwire health
+    tokenwire bench --concurrency 32 --prompt-tokens 128 --output-tokens 128
 """
 
 from __future__ import annotations
@@ -90,6 +91,20 @@ def cmd_health(client: Client, args) -> int:
     return 0 if status == "SERVING" else 1
 
 
+def cmd_bench(client: Client, args) -> int:
+    import asyncio
+
+    from .bench import format_report, report_dict, run
+
+    report = asyncio.run(run(args.server, concurrency=args.concurrency, rate=args.rate,
+                             prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
+                             requests=args.requests, duration=args.duration, warmup=args.warmup,
+                             temperature=args.temperature, prompts_file=args.prompts_file,
+                             progress=not args.json))
+    print(json.dumps(report_dict(report), indent=2) if args.json else format_report(report))
+    return 1 if report.errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenwire", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="the model served and the server's limits")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="load-test the server: latency percentiles and throughput")
+    p.add_argument("--concurrency", type=int, default=1, help="requests in flight (closed loop)")
+    p.add_argument("--rate", type=float, help="requests per second, Poisson arrivals (open loop)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--prompts-file", help="text prompts, one per line (instead of --prompt-tokens)")
+    p.add_argument("--requests", type=int, help="requests to measure (default: 4 x concurrency)")
+    p.add_argument("--duration", type=float, help="seconds to measure instead of a request count")
+    p.add_argument("--warmup", type=int, default=2, help="requests sent first and not measured")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("health", help="SERVING or NOT_SERVING (exit code 0 only when serving)")
     p.add_argument("--service", default="")

