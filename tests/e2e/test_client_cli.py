@@ -8,7 +8,6 @@ import sys
 import venv
 from pathlib import Path
 
-import pytest
 
 from tokenwire import AsyncClient
 

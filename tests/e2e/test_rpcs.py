@@ -6,7 +6,6 @@ import grpc
 import pytest
 import tiktoken
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from tokenwire import TokenwireError

@@ -166,6 +166,12 @@ class AsyncEngine:
                 self._fail(request, e)
 
     def _drop_expired(self) -> None:
+        timeout = self.engine.engine_config.queue_timeout
+        for seq in self.engine.scheduler.expired():
+            request = self._requests.get(seq)
+            if request is not None:
+                self._fail(request, QueueFull(f"the request waited {timeout:g}s for the engine; the server "
+                                              "is overloaded, retry later"))
         for request in {r for r in self._requests.values() if r.expired()}:
             if not request.cancelled.is_set():
                 request.emit(DeadlineExceeded("the deadline passed"))

@@ -161,8 +161,6 @@ class LLMEngine:
     def step(self) -> list[tuple[Sequence, GeneratedToken | None]]:
         """Advance every scheduled sequence. Returns, for each generation that produced a token,
         (seq, token); for each score sequence that completed, (seq, None)."""
-        for seq in self.scheduler.expired():
-            self.finish(seq, FinishReason.TIME_LIMIT)
         scheduled = self.scheduler.schedule()
         batch = scheduled.scheduled
         self.num_preemptions += len(scheduled.preempted)
