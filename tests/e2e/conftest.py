@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -26,6 +27,11 @@ class RunningServer:
     def stats(self):
         return self.server.engine.stats
 
+    @property
+    def llm(self):
+        """The LLMEngine this server steps (only its own thread may step it)."""
+        return self.server.engine.engine
+
 
 @pytest.fixture(scope="session")
 def event_loop_thread():
@@ -46,8 +52,10 @@ async def _start(engine=None) -> TokenwireServer:
 
 
 @pytest.fixture(scope="session")
-def served(engine, event_loop_thread):
-    server = asyncio.run_coroutine_threadsafe(_start(engine), event_loop_thread).result(60)
+def served(make_engine, event_loop_thread):
+    # An engine of its own (same weights): tests may call the session engine directly
+    # without racing this server's engine thread.
+    server = asyncio.run_coroutine_threadsafe(_start(make_engine(kv_cache_tokens=32768)), event_loop_thread).result(60)
     running = RunningServer(server, event_loop_thread, f"127.0.0.1:{server.port}")
     yield running
     running.run(server.stop(0))
@@ -72,3 +80,18 @@ def start_server(event_loop_thread):
     yield start
     for server in started:
         asyncio.run_coroutine_threadsafe(server.stop(0), event_loop_thread).result(30)
+
+
+def _wait_until(predicate, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def wait_until():
+    """Poll a condition on the server until it holds (False after the timeout)."""
+    return _wait_until

@@ -64,7 +64,7 @@ def test_prefix_cache_reports_cached_tokens(client):
     assert other.usage.cached_tokens >= 48  # the shared system prompt, whole blocks of it
 
 
-def test_queue_full_fails_at_once(start_server, make_engine):
+def test_queue_full_fails_at_once(start_server, make_engine, wait_until):
     server = start_server(make_engine(kv_cache_tokens=4096, max_num_seqs=1, max_queued=1))
     with Client(server.address, timeout=60) as c:
         running = c.generate_stream("Write a long essay.", max_new_tokens=400, **GREEDY)
@@ -73,7 +73,7 @@ def test_queue_full_fails_at_once(start_server, make_engine):
         waiting = c.generate_stream("Also write an essay.", max_new_tokens=400, **GREEDY)
         waiter = threading.Thread(target=_drain, args=(waiting,), daemon=True)
         waiter.start()
-        assert _wait(lambda: server.stats.waiting == 1)
+        assert wait_until(lambda: server.stats.waiting == 1)
         start = time.monotonic()
         with pytest.raises(TokenwireError) as e:
             c.generate("One more", max_new_tokens=4)
@@ -112,15 +112,6 @@ def _drain(stream):
         list(stream)
     except TokenwireError:
         pass  # cancelled at the end of the test
-
-
-def _wait(predicate, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_queue_timeout(start_server, make_engine):

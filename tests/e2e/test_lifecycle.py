@@ -13,20 +13,12 @@ from tokenwire_server.engine import FinishReason
 LONG = dict(temperature=0, max_new_tokens=3000, ignore_eos=True)
 
 
-def wait_until(predicate, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def idle(served):
     return served.stats.running == 0 and served.stats.waiting == 0
 
 
-def test_cancel_stops_the_work_and_frees_memory(client, served, engine):
+def test_cancel_stops_the_work_and_frees_memory(client, served, wait_until):
+    engine = served.llm
     assert wait_until(lambda: idle(served))
     cancelled_before = served.stats.finished[FinishReason.CANCELLED]
     stream = client.generate_stream("Write a very long essay about the sea.", **LONG)
@@ -46,7 +38,8 @@ def test_cancel_stops_the_work_and_frees_memory(client, served, engine):
     assert client.generate("Hello", temperature=0, max_new_tokens=3).usage.completion_tokens == 3
 
 
-def test_expired_deadline(client, served, engine):
+def test_expired_deadline(client, served, wait_until):
+    engine = served.llm
     assert wait_until(lambda: idle(served))
     cancelled_before = served.stats.finished[FinishReason.CANCELLED]
     start = time.monotonic()
@@ -72,7 +65,7 @@ def test_concurrent_requests_are_all_served_correctly(client, served):
     assert together == alone
 
 
-def test_health_and_tokenize_stay_responsive_during_generation(client, served):
+def test_health_and_tokenize_stay_responsive_during_generation(client, served, wait_until):
     done = threading.Event()
 
     def long_generation():
@@ -91,17 +84,18 @@ def test_health_and_tokenize_stay_responsive_during_generation(client, served):
     assert worst < 0.5
 
 
-def test_engine_fault_fails_only_that_request(client, served, engine, monkeypatch, caplog):
-    real = engine.sampler.__class__.__call__
+def test_engine_fault_fails_only_that_request(client, served, monkeypatch, caplog):
+    engine = served.llm
+    real = engine.sampler
     calls = {"n": 0}
 
-    def flaky(self, *args, **kwargs):
+    def flaky(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected fault")
-        return real(self, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine.sampler.__class__, "__call__", flaky)
+    monkeypatch.setattr(engine, "sampler", flaky)
     with pytest.raises(TokenwireError) as e:
         client.generate("Hello", max_new_tokens=4)
     assert e.value.code == grpc.StatusCode.INTERNAL and "injected" not in e.value.message
