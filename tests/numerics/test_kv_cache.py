@@ -68,3 +68,10 @@ def test_prefix_cache_hit_gives_same_output(make_engine, tokenizer):
     assert second.cached_tokens == (len(prompt) - 1) // 8 * 8 > 0
     assert [e.token_id for e in out2] == [e.token_id for e in out1]
     check_against_recompute(eng, prompt, out2)
+
+
+def test_fresh_cache_holds_no_nan(make_engine):
+    """Decode attention multiplies masked (zero) probabilities with padded slots' values, so
+    unused memory must be finite: uninitialised memory once produced NaN logits."""
+    eng = make_engine(kv_cache_tokens=512, block_size=16)
+    assert all(bool(torch.isfinite(t).all()) for t in eng.runner.cache.k + eng.runner.cache.v)

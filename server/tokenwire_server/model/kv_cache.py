@@ -18,9 +18,11 @@ class KVCache:
     def __init__(self, n_layers: int, num_slots: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         shape = (num_slots, n_kv_heads, head_dim)
-        # empty, not zeros: slots are always written before they are read.
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        # Zeros, not empty: decode attention reads padded, masked slots too, and a masked
+        # probability of 0 times uninitialised memory that happens to be NaN is NaN. Touching
+        # the memory at start also keeps the resident size flat while serving.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.num_slots = num_slots
 
     @property
