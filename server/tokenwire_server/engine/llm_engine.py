@@ -86,7 +86,6 @@ class LLMEngine:
         self._stopping: dict[Sequence, StoppingCriteria] = {}
         self.num_steps = 0
         self.num_preemptions = 0
-        self.last_batch_size = 0
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: str = "auto", device: str = "auto", name: str = "",
@@ -167,7 +166,6 @@ class LLMEngine:
         if not batch:
             return []
         self.num_steps += 1
-        self.last_batch_size = len(batch)
         logits, spans = self.runner.execute(batch)
         events, to_sample = [], []
         for sched, span in zip(batch, spans):
