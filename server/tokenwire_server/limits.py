@@ -13,6 +13,5 @@ class Limits:
     max_stop_sequence_chars: int = 256
     max_top_n: int = 20
     max_logit_bias: int = 300  # entries per request
-    max_n: int = 8  # samples of one prompt
     max_batch_items: int = 256  # texts per Tokenize, items per Score
     max_input_chars: int = 400_000  # per text, before tokenizing

@@ -8,7 +8,7 @@ import math
 from tokenwire.v1 import tokenwire_pb2 as pb
 
 from ..engine import FinishReason, LLMEngine, SamplingParams, ScoreOutput
-from ..engine.logprobs import TokenLogprob
+from ..engine.outputs import TokenLogprob
 from ..engine.sequence import Sequence
 from ..errors import InvalidArgument
 from ..limits import Limits

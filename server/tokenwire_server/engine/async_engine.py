@@ -50,7 +50,6 @@ class _Request:
     streams: list[TextStream] | None = None  # per generated sequence
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    pending: int = 0  # sequences not finished
 
     def emit(self, item) -> None:
         try:
@@ -119,7 +118,6 @@ class AsyncEngine:
         waiting = len(self.engine.scheduler.waiting) + self._inbox.qsize()
         if waiting >= self.engine.engine_config.max_queued:
             raise QueueFull(f"the server is overloaded ({waiting} requests waiting); retry later")
-        request.pending = len(request.seqs)
         self._inbox.put(request)
         return request
 

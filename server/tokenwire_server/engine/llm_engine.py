@@ -18,9 +18,9 @@ from ..limits import Limits
 from ..model.loader import checkpoint_kind, load_model
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
-from .logprobs import TokenLogprob, token_logprobs
+from .logprobs import token_logprobs
 from .model_runner import ModelRunner
-from .outputs import FinishReason, GeneratedToken, ScoreOutput
+from .outputs import FinishReason, GeneratedToken, ScoreOutput, TokenLogprob
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -174,7 +174,8 @@ class LLMEngine:
                 self._prompt_logprobs(seq, logits[span.row:span.row + span.count], span.first)
             completes = sched.completes
             seq.num_computed += sched.num_tokens
-            self.blocks.register(seq.block_table, seq.tokens, seq.num_computed)
+            if seq.num_computed // self.blocks.block_size > len(seq.block_table.keys):  # a block filled
+                self.blocks.register(seq.block_table, seq.tokens, seq.num_computed)
             if not completes:
                 continue
             if seq.score_from is not None:

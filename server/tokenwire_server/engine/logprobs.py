@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    rank: int | None = None  # 1 is the most likely token
-    top: tuple[tuple[int, float], ...] = ()  # (id, logprob), most likely first
+from .outputs import TokenLogprob
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, ranks: bool = False,

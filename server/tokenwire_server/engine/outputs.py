@@ -1,11 +1,18 @@
-"""What the engine hands back: one GeneratedToken per step, the last with a finish reason."""
+"""What the engine hands back: one GeneratedToken per step, the last with a finish reason.
+No torch here: the scheduler's Sequence uses these types."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
 
-from .logprobs import TokenLogprob
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    rank: int | None = None  # 1 is the most likely token
+    top: tuple[tuple[int, float], ...] = ()  # (id, logprob), most likely first
 
 
 class FinishReason(enum.Enum):

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import enum
-import itertools
 import time
 from dataclasses import dataclass, field
 
 from .block_manager import BlockTable
-from .logprobs import TokenLogprob
-from .outputs import FinishReason
+from .outputs import FinishReason, TokenLogprob
 from .sampling_params import SamplingParams
-
-_ids = itertools.count()
 
 
 class Status(enum.Enum):
@@ -25,7 +21,6 @@ class Status(enum.Enum):
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
-    request_id: str = field(default_factory=lambda: f"seq-{next(_ids)}")
     truncated: bool = False  # prompt tokens were dropped to fit
     # Scoring: no generation; logprobs of prompt_ids[score_from:] (None: a generation).
     score_from: int | None = None
