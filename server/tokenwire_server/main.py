@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from . import registry
@@ -77,33 +78,89 @@ def cmd_serve(args) -> None:
                       limits=limits, engine_config=config))
 
 
-def build_parser() -> argparse.ArgumentParser:
+ENV_PREFIX = "TOKENWIRE_"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def env_name(dest: str) -> str:
+    return ENV_PREFIX + dest.upper()
+
+
+def env_defaults(parser: argparse.ArgumentParser, environ=os.environ) -> None:
+    """Let TOKENWIRE_<FLAG> set each long flag's default (a flag on the command line wins), and
+    name the variable in --help. Bad values fail at start-up, naming the variable."""
+    for action in parser._actions:  # argparse has no public iterator over its actions
+        if not any(o.startswith("--") for o in action.option_strings) or action.dest == "help":
+            continue
+        name = env_name(action.dest)
+        action.help = f"{action.help + ' ' if action.help else ''}[env {name}]"
+        if name not in environ:
+            continue
+        raw = environ[name]
+        if isinstance(action, argparse._StoreTrueAction):
+            if raw.strip().lower() not in _TRUE | _FALSE:
+                parser.error(f"{name}={raw!r}: expected true or false")
+            action.default = raw.strip().lower() in _TRUE
+            continue
+        try:
+            value = action.type(raw) if action.type else raw
+        except ValueError:
+            parser.error(f"{name}={raw!r}: not a valid value for {action.option_strings[-1]}")
+        if action.choices and value not in action.choices:
+            parser.error(f"{name}={raw!r}: choose from {', '.join(map(str, action.choices))}")
+        action.default = value
+
+
+def build_parser(environ=os.environ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenwire-server", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=environ.get(env_name("log_level"), "INFO"),
+                        help=f"[env {env_name('log_level')}]")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pull", help="fetch a registry model into the model cache ($TOKENWIRE_HOME)")
     p.add_argument("name", choices=sorted(registry.REGISTRY))
     p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("serve", help="serve a model over gRPC")
+    p = sub.add_parser("serve", help="serve a model over gRPC",
+                       description="Serve a model over gRPC. Every flag can also be set by the environment "
+                                   "variable named after it, e.g. --max-num-seqs as TOKENWIRE_MAX_NUM_SEQS "
+                                   "(the flag wins). API keys may also come from TOKENWIRE_API_KEYS "
+                                   "(comma-separated).")
     add_model_args(p)
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--max-model-len", type=int, help="cap the context below the model's (tokens)")
-    p.add_argument("--max-new-tokens-limit", type=int, default=4096, help="largest max_new_tokens a request may ask")
-    p.add_argument("--default-max-new-tokens", type=int, default=256, help="max_new_tokens when a request sets none")
-    p.add_argument("--kv-cache-tokens", type=int, default=65536,
-                   help="KV cache capacity in tokens, allocated at start (memory: tokens x 2 x layers x kv heads "
-                        "x head dim x dtype size)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running in one batch")
-    p.add_argument("--max-batched-tokens", type=int, default=512,
-                   help="tokens computed per step; long prompts are prefilled in chunks under it")
-    p.add_argument("--max-queued-requests", type=int, default=256,
-                   help="waiting requests; beyond it new ones fail at once with RESOURCE_EXHAUSTED")
-    p.add_argument("--queue-timeout", type=float, help="seconds a request may wait before it fails")
-    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="0.0.0.0")
+    net.add_argument("--port", type=int, default=50051, help="gRPC port")
+    net.add_argument("--health-port", type=int,
+                     help="also serve gRPC health alone, in plaintext, on this port (for Kubernetes probes, "
+                          "which cannot speak TLS)")
+    net.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: off)")
+    net.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before the exit")
+    sec = p.add_argument_group("security")
+    sec.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
+    sec.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    sec.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    sec.add_argument("--api-keys-file", help="file of API keys, one per line: requests must send "
+                                             "'authorization: Bearer <key>' (health stays open)")
+    logs = p.add_argument_group("logging")
+    logs.add_argument("--log-format", default="text", choices=["text", "json"])
+    logs.add_argument("--log-prompts", action="store_true", help="include prompt text in request logs")
+    eng = p.add_argument_group("engine and limits")
+    eng.add_argument("--max-model-len", type=int, help="cap the context below the model's (tokens)")
+    eng.add_argument("--max-new-tokens-limit", type=int, default=4096, help="largest max_new_tokens a request may ask")
+    eng.add_argument("--default-max-new-tokens", type=int, default=256, help="max_new_tokens when a request sets none")
+    eng.add_argument("--kv-cache-tokens", type=int, default=65536,
+                     help="KV cache capacity in tokens, allocated at start (memory: tokens x 2 x layers x kv heads "
+                          "x head dim x dtype size)")
+    eng.add_argument("--max-num-seqs", type=int, default=64, help="sequences running in one batch")
+    eng.add_argument("--max-batched-tokens", type=int, default=512,
+                     help="tokens computed per step; long prompts are prefilled in chunks under it")
+    eng.add_argument("--max-queued-requests", type=int, default=256,
+                     help="waiting requests; beyond it new ones fail at once with RESOURCE_EXHAUSTED")
+    eng.add_argument("--queue-timeout", type=float, help="seconds a request may wait before it fails")
+    eng.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
+    eng.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+    env_defaults(p, environ)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate from a prompt in this process (no server)")
