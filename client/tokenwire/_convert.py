@@ -72,11 +72,11 @@ def event(msg: pb.GenerateResponse):
         i = msg.input
         return InputInfo(i.prompt_token_count, i.seed, i.truncated, [token_info(t) for t in i.prompt_tokens])
     if kind == "delta":
-        return Delta(msg.delta.text, [token_info(t) for t in msg.delta.tokens])
+        return Delta(msg.delta.text, [token_info(t) for t in msg.delta.tokens], msg.delta.index)
     f, u = msg.final, msg.final.usage
     return Final(FINISH_REASONS[f.finish_reason], f.stop_sequence,
                  Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.queue_seconds,
-                       u.first_token_seconds, u.total_seconds))
+                       u.first_token_seconds, u.total_seconds), f.index)
 
 
 class Collector:
@@ -113,4 +113,4 @@ def model_info(r: pb.ModelInfoResponse) -> ModelInfo:
                      list(r.end_token_ids), r.has_chat_template, r.dtype, r.device,
                      ServerLimits(lim.max_new_tokens, lim.default_max_new_tokens, lim.max_stop_sequences,
                                   lim.max_stop_sequence_chars, lim.max_top_n, lim.max_batch_items,
-                                  lim.max_input_chars))
+                                  lim.max_input_chars, lim.max_samples))

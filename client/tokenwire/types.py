@@ -50,6 +50,7 @@ class InputInfo:
 class Delta:
     text: str
     tokens: list[TokenInfo]
+    index: int = 0  # which sample (n > 1)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Final:
     finish_reason: str  # length, eos, stop_sequence, stop_token, context_limit, time_limit, cancelled
     stop_sequence: str
     usage: Usage
+    index: int = 0  # which sample (n > 1)
 
 
 @dataclass
@@ -100,6 +102,7 @@ class ServerLimits:
     max_top_n: int
     max_batch_items: int
     max_input_chars: int
+    max_samples: int
 
 
 @dataclass

@@ -15,3 +15,4 @@ class Limits:
     max_logit_bias: int = 300  # entries per request
     max_batch_items: int = 256  # texts per Tokenize, items per Score
     max_input_chars: int = 400_000  # per text, before tokenizing
+    max_samples: int = 16  # n per Generate

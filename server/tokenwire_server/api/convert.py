@@ -9,7 +9,7 @@ from tokenwire.v1 import tokenwire_pb2 as pb
 
 from ..engine import FinishReason, LLMEngine, SamplingParams, ScoreOutput
 from ..engine.outputs import TokenLogprob
-from ..engine.sequence import Sequence
+from ..engine.sequence import Sequence, samples
 from ..errors import InvalidArgument
 from ..limits import Limits
 from ..tokenizer import Tokenizer
@@ -136,10 +136,13 @@ def prompt(req: pb.GenerateRequest, engine: LLMEngine, limits: Limits) -> tuple[
     return ids, truncated, field
 
 
-def sequence(req: pb.GenerateRequest, engine: LLMEngine, limits: Limits) -> Sequence:
+def sequences(req: pb.GenerateRequest, engine: LLMEngine, limits: Limits) -> list[Sequence]:
+    """The request's n samples (one unless it asks for more)."""
+    if req.n > limits.max_samples:
+        raise InvalidArgument("n", f"must be in [1, {limits.max_samples}] (0 means 1), got {req.n}")
     params = sampling_params(req, limits, engine.config.vocab_size)
     ids, truncated, _ = prompt(req, engine, limits)
-    return Sequence(ids, params, truncated=truncated)
+    return samples(ids, params, max(req.n, 1), truncated)
 
 
 def token_info(t: TokenLogprob, tok: Tokenizer, logprob: bool = True, rank: bool = False) -> pb.TokenInfo:
@@ -166,13 +169,13 @@ def input_info(seq: Sequence, tok: Tokenizer) -> pb.GenerateResponse:
     return pb.GenerateResponse(input=info)
 
 
-def delta(event, seq: Sequence, tok: Tokenizer) -> pb.GenerateResponse:
+def delta(event, seq: Sequence, tok: Tokenizer, index: int = 0) -> pb.GenerateResponse:
     p = seq.params
     return pb.GenerateResponse(delta=pb.Delta(text=event.text, tokens=[token_info(event.token, tok, p.logprobs,
-                                                                                  p.ranks)]))
+                                                                                  p.ranks)], index=index))
 
 
-def final(seq: Sequence) -> pb.GenerateResponse:
+def final(seq: Sequence, index: int = 0) -> pb.GenerateResponse:
     t0 = seq.arrival
     usage = pb.Usage(prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
                      cached_tokens=seq.cached_tokens,
@@ -180,7 +183,7 @@ def final(seq: Sequence) -> pb.GenerateResponse:
                      first_token_seconds=(seq.first_token or t0) - t0,
                      total_seconds=(seq.finished or seq.first_token or t0) - t0)
     return pb.GenerateResponse(final=pb.Final(finish_reason=FINISH_REASONS[seq.finish_reason],
-                                              stop_sequence=seq.stop_sequence, usage=usage))
+                                              stop_sequence=seq.stop_sequence, usage=usage, index=index))
 
 
 # ---- Score ----

@@ -73,16 +73,16 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         engine = self.engine
         tok = engine.engine.tokenizer
-        seq = convert.sequence(request, engine.engine, self.limits)
+        seqs = convert.sequences(request, engine.engine, self.limits)
         first = True
-        async with aclosing(engine.generate([seq], _deadline(context))) as events:
-            async for _, event in events:
+        async with aclosing(engine.generate(seqs, _deadline(context))) as events:
+            async for i, event in events:
                 if first:  # after prefill: prompt logprobs, when asked, exist now
-                    yield convert.input_info(seq, tok)
+                    yield convert.input_info(seqs[0], tok)
                     first = False
-                yield convert.delta(event, seq, tok)
+                yield convert.delta(event, seqs[i], tok, i)
                 if event.finish_reason is not None:
-                    yield convert.final(seq)
+                    yield convert.final(seqs[i], i)
 
     @rpc_errors
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
@@ -106,4 +106,4 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
                                    max_stop_sequences=lim.max_stop_sequences,
                                    max_stop_sequence_chars=lim.max_stop_sequence_chars,
                                    max_top_n=lim.max_top_n, max_batch_items=lim.max_batch_items,
-                                   max_input_chars=lim.max_input_chars))
+                                   max_input_chars=lim.max_input_chars, max_samples=lim.max_samples))

@@ -74,6 +74,13 @@ class BlockManager:
             parent = key
         return table
 
+    def fork(self, table: BlockTable, num_blocks: int) -> BlockTable:
+        """A new table sharing the first `num_blocks` (full, computed) blocks of `table`."""
+        child = BlockTable(table.blocks[:num_blocks], table.keys[:num_blocks])
+        for block_id in child.blocks:
+            self._take(block_id)
+        return child
+
     def allocate(self, table: BlockTable, num_tokens: int) -> bool:
         """Grow `table` to hold `num_tokens` slots. False (and nothing taken) when memory is short."""
         need = self.blocks_needed(table, num_tokens)

@@ -96,6 +96,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_computed == 0 and not seq.block_table.blocks:
+                if _prefilling(seq.parent):
+                    break  # a later sample waits for the first one's prompt, then shares it
                 self._match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.allocate(seq.block_table, seq.num_computed + n):
@@ -112,7 +114,13 @@ class Scheduler:
 
     def _match_prefix(self, seq: Sequence) -> None:
         # Cached positions produce no logits, so stop before the first position needing them.
-        table = self.blocks.match_prefix(seq.tokens, min(seq.logits_from, seq.num_tokens - 1))
+        limit = min(seq.logits_from, seq.num_tokens - 1)
+        parent = seq.parent
+        if parent is not None and parent.status is Status.RUNNING:  # share the first sample's prompt
+            n = min(limit, parent.num_computed, len(parent.prompt_ids)) // self.blocks.block_size
+            table = self.blocks.fork(parent.block_table, n)
+        else:
+            table = self.blocks.match_prefix(seq.tokens, limit)
         seq.block_table = table
         seq.num_computed = len(table.blocks) * self.blocks.block_size
         if not seq.output_ids:  # a first admission, not a recompute after preemption
@@ -124,3 +132,8 @@ class Scheduler:
         seq.num_computed = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
+
+
+def _prefilling(seq: Sequence | None) -> bool:
+    """The sequence is queued or still computing its prompt."""
+    return seq is not None and seq.status is not Status.FINISHED and seq.num_computed < len(seq.prompt_ids)

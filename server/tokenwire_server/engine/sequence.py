@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -33,6 +35,8 @@ class Sequence:
     all_greedy: bool = True  # scoring: every scored token was the most likely one
     finish_reason: FinishReason | None = None
     stop_sequence: str = ""
+    # n samples of one prompt: the later samples wait for the first one's prefill and share it.
+    parent: Sequence | None = None
     # Monotonic timestamps
     arrival: float = field(default_factory=time.monotonic)
     started: float | None = None  # first scheduled
@@ -55,3 +59,14 @@ class Sequence:
         if self.params.prompt_logprobs and not self.output_ids:
             return 0
         return self.num_tokens - 1
+
+
+def samples(prompt_ids: list[int], params: SamplingParams, n: int = 1, truncated: bool = False) -> list[Sequence]:
+    """n sequences of one prompt. Sample i uses seed + i, so each one can be replayed alone;
+    only the first reports prompt logprobs (the others share its computed prompt)."""
+    if params.seed is None:
+        params.seed = random.randrange(2**63)  # reported back, so the output can be replayed
+    first = Sequence(prompt_ids, params, truncated)
+    rest = [Sequence(prompt_ids, dataclasses.replace(params, seed=(params.seed + i) % 2**64, prompt_logprobs=False), truncated,
+                     parent=first) for i in range(1, n)]
+    return [first, *rest]

@@ -1,0 +1,76 @@
+"""n samples of one prompt: one prefill shared, one stream index per sample, seeds seed + i."""
+
+import grpc
+import pytest
+
+from tokenwire.v1 import tokenwire_pb2 as pb
+from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
+from tokenwire_server.engine import SamplingParams
+from tokenwire_server.engine.sequence import Status, samples
+
+PROMPT = ("The three most important inventions of the last century were, in no particular order and with "
+          "a short reason for each one, written for a curious twelve-year-old reader, the following:")
+
+
+def sampled(**kw):
+    return SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=12, ignore_eos=True, **kw)
+
+
+def run(engine, seqs):
+    for s in seqs:
+        engine.add(s)
+    while any(s.status is not Status.FINISHED for s in seqs):
+        engine.step()
+    return [s.output_ids for s in seqs]
+
+
+def test_samples_share_the_prompt_without_prefix_caching(make_engine, tokenizer):
+    engine = make_engine(kv_cache_tokens=2048, prefix_caching=False)
+    ids = tokenizer.encode(PROMPT)
+    assert len(ids) > 2 * 16
+    seqs = samples(ids, sampled(seed=7), n=3)
+    outs = run(engine, seqs)
+    shared = (len(ids) - 1) // 16 * 16  # whole blocks before the last prompt token
+    assert [s.cached_tokens for s in seqs] == [0, shared, shared]
+    assert [s.params.seed for s in seqs] == [7, 8, 9]
+    assert engine.blocks.num_used == 0  # shared blocks were all given back
+    # Each sample equals a request of its own with seed + i.
+    for i, out in enumerate(outs):
+        alone = samples(ids, sampled(seed=7 + i))
+        assert run(engine, alone)[0] == out
+    assert len({tuple(o) for o in outs}) > 1
+
+
+@pytest.fixture
+def stub(served):
+    with grpc.insecure_channel(served.address) as channel:
+        yield pb_grpc.TokenwireStub(channel)
+
+
+def test_generate_n_streams_every_sample(stub, client):
+    req = pb.GenerateRequest(text=PROMPT, n=3, sampling=pb.SamplingParameters(temperature=0.9, seed=123),
+                             stopping=pb.StoppingCriteria(max_new_tokens=10, ignore_eos=True))
+    events = list(stub.Generate(req, timeout=60))
+    assert events[0].WhichOneof("event") == "input" and events[0].input.seed == 123
+    assert sum(e.WhichOneof("event") == "input" for e in events) == 1
+    texts, finals = {0: "", 1: "", 2: ""}, {}
+    for e in events[1:]:
+        if e.WhichOneof("event") == "delta":
+            assert e.delta.index not in finals  # nothing after a sample's Final
+            texts[e.delta.index] += e.delta.text
+        else:
+            finals[e.final.index] = e.final
+    assert sorted(finals) == [0, 1, 2] and events[-1].WhichOneof("event") == "final"
+    assert all(f.usage.completion_tokens == 10 for f in finals.values())
+    assert all(finals[i].usage.cached_tokens >= 16 for i in (1, 2))  # the shared prompt
+    for i in range(3):  # each sample replays alone with seed + i
+        alone = client.generate(PROMPT, temperature=0.9, seed=123 + i, max_new_tokens=10, ignore_eos=True)
+        assert alone.text == texts[i]
+
+
+def test_n_above_the_limit_is_rejected(stub, client):
+    limit = client.info().limits.max_samples
+    assert limit == 16
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(pb.GenerateRequest(text="Hi", n=limit + 1), timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("n:")
