@@ -67,6 +67,9 @@ class EngineConfig:
     queue_timeout: float | None = None
     prefix_caching: bool = True
     max_model_len: int | None = None  # cap the context below the model's
+    # Steps of at most this many token rows multiply with 4-bit weights as stored (Q4 GGUF
+    # layers, CPU, bfloat16/float16 compute; float32 stays on the dequantized weights). 0: off.
+    int4_max_rows: int = 8
 
 
 class LLMEngine:
@@ -86,6 +89,7 @@ class LLMEngine:
         self._stopping: dict[Sequence, StoppingCriteria] = {}
         self.num_steps = 0
         self.num_preemptions = 0
+        self.last_batch_size = 0  # sequences in the last step
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: str = "auto", device: str = "auto", name: str = "",
@@ -96,7 +100,8 @@ class LLMEngine:
         if checkpoint_kind(path) == "gguf":
             reader = open_gguf(path)  # indexing a GGUF takes seconds: read it once for both
             tokenizer = Tokenizer.from_gguf(reader, path)
-            model = load_model(path, torch_dtype, dev, reader=reader)
+            int4_rows = config.int4_max_rows if torch_dtype != torch.float32 else 0
+            model = load_model(path, torch_dtype, dev, reader=reader, int4_max_rows=int4_rows)
         else:
             tokenizer = Tokenizer.from_hf_dir(path)
             model = load_model(path, torch_dtype, dev)
@@ -163,6 +168,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         batch = scheduled.scheduled
         self.num_preemptions += len(scheduled.preempted)
+        self.last_batch_size = len(batch)
         if not batch:
             return []
         self.num_steps += 1

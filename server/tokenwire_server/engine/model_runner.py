@@ -69,7 +69,7 @@ class ModelRunner:
             lengths = torch.tensor([n for _, n in decode_rows], device=dev)
             S = int(lengths.max())
             meta.decode_key_slots = self._slots(self._tables([s for s, _ in decode_rows]), S)
-            meta.decode_mask = (torch.arange(S, device=dev)[None] < lengths[:, None])[:, None, None]
+            meta.decode_mask = (torch.arange(S, device=dev)[None] < lengths[:, None])[:, None]
         for row, n, seq, start in segments:
             K = start + n
             key_slots = self._slots(self._tables([seq]), K)[0]

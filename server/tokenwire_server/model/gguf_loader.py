@@ -13,6 +13,7 @@ from ..errors import CheckpointError
 from ..checkpoint_files import metadata
 from ..progress import progress
 from .config import ModelConfig
+from .int4 import Q4Weight, unpack
 
 # Types checked against the reference; gguf.quants dequantizes others as well.
 TENSOR_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -85,6 +86,22 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _model_name(tensor_name: str, path: Path) -> str:
+    parts = tensor_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
+        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _TOP_NAMES:
+        return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
+    raise CheckpointError(path, f"unexpected tensor {tensor_name}")
+
+
+def _row_order(tensor_name: str, rows: int, config: ModelConfig) -> np.ndarray | None:
+    """The un-permutation of Q and K rows (None for other tensors)."""
+    kind = tensor_name.split(".")[-2]
+    heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}.get(kind)
+    return None if heads is None else _unpermute(np.arange(rows), heads)
+
+
 def read_weights(reader: GGUFReader, config: ModelConfig, path: Path,
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every tensor dequantized to `dtype`, under the model's parameter names."""
@@ -92,17 +109,22 @@ def read_weights(reader: GGUFReader, config: ModelConfig, path: Path,
     for t in progress(reader.tensors, len(reader.tensors), f"loading {path.name}"):
         if t.name == "rope_freqs.weight":
             continue  # folded into the config
-        parts = t.name.split(".")
-        if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
-            name = f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-        elif len(parts) == 2 and parts[0] in _TOP_NAMES:
-            name = f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
-        else:
-            raise CheckpointError(path, f"unexpected tensor {t.name}")
+        name = _model_name(t.name, path)
         w = _dequantize(t, path)
-        if parts[-2:-1] == ["attn_q"]:
-            w = _unpermute(w, config.n_heads)
-        elif parts[-2:-1] == ["attn_k"]:
-            w = _unpermute(w, config.n_kv_heads)
+        order = _row_order(t.name, w.shape[0], config)
+        if order is not None:
+            w = w[order]
         weights[name] = torch.from_numpy(np.require(w, requirements=["C", "W"])).to(dtype)
     return weights
+
+
+def read_q4(reader: GGUFReader, config: ModelConfig, path: Path) -> dict[str, Q4Weight]:
+    """The Q4_0/Q4_1 tensors as 4-bit codes and scales, under the model's parameter names."""
+    out = {}
+    for t in reader.tensors:
+        kind = GGMLQuantizationType(t.tensor_type).name
+        if kind in ("Q4_0", "Q4_1") and t.data.ndim == 2:
+            q4 = unpack(np.asarray(t.data), kind)
+            order = _row_order(t.name, q4.codes.shape[0], config)
+            out[_model_name(t.name, path)] = q4 if order is None else q4.rows(order)
+    return out

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 class KVCache:
     def __init__(self, n_layers: int, num_slots: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (num_slots, n_kv_heads, head_dim)
+        # Heads first: gathering a batch's slots then gives each head's keys contiguous,
+        # ready for batched matmuls without a copy.
+        shape = (n_kv_heads, num_slots, head_dim)
         # Zeros, not empty: decode attention reads padded, masked slots too, and a masked
         # probability of 0 times uninitialised memory that happens to be NaN is NaN. Touching
         # the memory at start also keeps the resident size flat while serving.
@@ -41,7 +43,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None  # (N,) where each token's keys and values are written
     num_decodes: int = 0  # rows [0, num_decodes) are one token each, attended to as a batch
     decode_key_slots: torch.Tensor | None = None  # (D, S) slots each decode row reads (padded)
-    decode_mask: torch.Tensor | None = None  # (D, 1, 1, S) bool: real keys
+    decode_mask: torch.Tensor | None = None  # (D, 1, S) bool: real keys
     segments: list[Segment] = field(default_factory=list)
     cache: KVCache | None = None
 
@@ -59,28 +61,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, met
     gqa = q.shape[1] != k.shape[1]
     cache = meta.cache
     if cache is not None:
-        k_cache, v_cache = cache.k[layer], cache.v[layer]  # (slots, nkv, hd)
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        k_cache, v_cache = cache.k[layer], cache.v[layer]  # (nkv, slots, hd)
+        k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     out = torch.empty_like(q)
     D = meta.num_decodes
     if D:
-        # One query per row: two batched matmuls beat the fused kernel here (about 7x in
-        # bfloat16 on CPU). Query heads are grouped under their shared key/value head.
+        # One query per row: plain 3-D batched matmuls, one batch entry per (kv head, row),
+        # with the query heads that share a kv head as its rows. About 7x faster than the
+        # fused kernel in bfloat16 on CPU, and 4-D matmuls over strided batches are slower
+        # still (measured: 4.9 ms against 0.33 ms per layer at 32 rows of 256 keys).
         nh, nkv, hd = q.shape[1], k.shape[1], q.shape[2]
-        keys = k_cache[meta.decode_key_slots].transpose(1, 2)  # (D, S, nkv, hd) -> (D, nkv, S, hd)
-        values = v_cache[meta.decode_key_slots].transpose(1, 2)
-        scores = torch.matmul(q[:D].view(D, nkv, nh // nkv, hd), keys.transpose(-1, -2))  # (D, nkv, g, S)
+        g, S = nh // nkv, meta.decode_key_slots.shape[1]
+        flat = meta.decode_key_slots.reshape(-1)
+        keys = k_cache.index_select(1, flat).view(nkv * D, S, hd)
+        values = v_cache.index_select(1, flat).view(nkv * D, S, hd)
+        queries = q[:D].view(D, nkv, g, hd).transpose(0, 1).reshape(nkv * D, g, hd)
+        scores = torch.bmm(queries, keys.transpose(1, 2)).view(nkv, D, g, S)
         scores = (scores.float() * hd ** -0.5).masked_fill(~meta.decode_mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out[:D] = torch.matmul(probs, values).view(D, nh, hd)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(nkv * D, g, S)
+        out[:D] = torch.bmm(probs, values).view(nkv, D, g, hd).transpose(0, 1).reshape(D, nh, hd)
     for seg in meta.segments:
         if seg.key_slots is None:
-            keys, values = k[seg.start:seg.end], v[seg.start:seg.end]
+            keys, values = k[seg.start:seg.end].transpose(0, 1), v[seg.start:seg.end].transpose(0, 1)
         else:
-            keys, values = k_cache[seg.key_slots], v_cache[seg.key_slots]  # (K, nkv, hd)
+            keys, values = k_cache.index_select(1, seg.key_slots), v_cache.index_select(1, seg.key_slots)
         qs = q[seg.start:seg.end].transpose(0, 1)[None]  # (1, nh, T, hd)
-        y = F.scaled_dot_product_attention(qs, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-                                           attn_mask=seg.mask, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(qs, keys[None], values[None], attn_mask=seg.mask, enable_gqa=gqa)
         out[seg.start:seg.end] = y[0].transpose(0, 1)
     return out

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..checkpoint_files import open_gguf
-from . import gguf_loader, safetensors_loader
+from . import gguf_loader, int4, safetensors_loader
 from .config import ModelConfig
 from .gpt2 import GPT2
 from .llama import Llama
@@ -38,8 +38,10 @@ def read_config(path: Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", reader=None) -> nn.Module:
-    """reader: an already opened GGUFReader of `path`, to avoid indexing the file twice."""
+               device: str | torch.device = "cpu", reader=None, int4_max_rows: int = 0) -> nn.Module:
+    """reader: an already opened GGUFReader of `path`, to avoid indexing the file twice.
+    int4_max_rows > 0: on CPU, layers stored as Q4_0/Q4_1 multiply batches of at most that
+    many rows with their 4-bit weights as stored (see int4.py)."""
     path = Path(path)
     if checkpoint_kind(path) == "hf":
         config = safetensors_loader.read_config(path)
@@ -49,6 +51,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
         config = gguf_loader.read_config(reader, path)
         weights = gguf_loader.read_weights(reader, config, path, dtype)
     model = build_model(config, weights, path)
+    if int4_max_rows > 0 and reader is not None and torch.device(device).type == "cpu":
+        int4.attach(model, gguf_loader.read_q4(reader, config, path), int4_max_rows)
     return model.to(device).eval().requires_grad_(False)
 
 
