@@ -117,7 +117,7 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-async def run(target: str, *, concurrency: int = 1, rate: float | None = None, prompt_tokens: int = 128,
+async def run(target: str | list[str], *, concurrency: int = 1, rate: float | None = None, prompt_tokens: int = 128,
               output_tokens: int = 128, requests: int | None = None, duration: float | None = None,
               warmup: int = 2, temperature: float = 0.0, prompts_file: str | None = None,
               timeout: float = 600.0, progress: bool = True) -> Report:

@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenwire", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", default=os.environ.get("TOKENWIRE_SERVER", "localhost:50051"),
-                        help="host:port of the server (env TOKENWIRE_SERVER; default localhost:50051)")
+                        help="host:port of the server, several host:port separated by commas (balanced, "
+                             "retried on the next when one is unavailable), or a grpc target such as "
+                             "dns:///name:port (env TOKENWIRE_SERVER; default localhost:50051)")
     parser.add_argument("--timeout", type=float, help="seconds before the call is abandoned")
     parser.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (turns TLS on)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -166,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     root = open(args.tls_ca, "rb").read() if args.tls_ca else None
     try:
-        with Client(args.server, timeout=args.timeout, root_certificates=root) as client:
+        client = Client(args.server, timeout=args.timeout, root_certificates=root)
+    except (ValueError, OSError) as e:  # a malformed --server, or no listed host resolves
+        print(f"error: --server: {e}", file=sys.stderr)
+        return 2
+    try:
+        with client:
             return args.func(client, args)
     except TokenwireError as e:
         print(f"error: {e.code.name}: {e.message}", file=sys.stderr)

@@ -3,23 +3,27 @@
     from tokenwire import Client
     with Client("localhost:50051") as client:
         print(client.generate("Once upon a time", max_new_tokens=20).text)
+
+Several replicas: Client("10.0.0.1:50051,10.0.0.2:50051"), Client(["host1:50051", "host2:50051"]) or
+Client("dns:///tokenwire.svc:50051") (every address of the name). Calls are balanced round robin over
+one channel; a call a replica answers with UNAVAILABLE is retried on the next (see _channel.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import _convert as convert
+from ._channel import channel_options
 from .errors import TokenwireError
 from .types import Delta, Final, Generation, InputInfo, ModelInfo, Scored, Tokenized
 from .v1 import tokenwire_pb2 as pb
 from .v1 import tokenwire_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
-_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20)]
 
 
 def _credentials(root_certificates: bytes | None, private_key: bytes | None,
@@ -68,14 +72,24 @@ class GenerateStream:
 
 
 class Client:
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, tls: bool = False,
-                 root_certificates: bytes | None = None, private_key: bytes | None = None,
-                 certificate_chain: bytes | None = None):
+    """Calls to one tokenwire server or to several replicas.
+
+    target: "host:port", any grpc target ("dns:///name:port" balances over every address of the
+    name), or several host:port addresses, as a list or comma-separated; hostnames in a list are
+    resolved once, here. Tokenize, Detokenize, Score and ModelInfo, and Generate before its first
+    message, are retried on UNAVAILABLE (up to 5 attempts, within the timeout); retries=False
+    turns that off. Raises ValueError for a malformed address, OSError when no listed host resolves.
+    """
+
+    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, *, timeout: float | None = None,
+                 tls: bool = False, root_certificates: bytes | None = None, private_key: bytes | None = None,
+                 certificate_chain: bytes | None = None, retries: bool = True):
+        self.target, options = channel_options(target, retries=retries)
         if tls or root_certificates:
             self._channel = grpc.secure_channel(
-                target, _credentials(root_certificates, private_key, certificate_chain), _OPTIONS)
+                self.target, _credentials(root_certificates, private_key, certificate_chain), options)
         else:
-            self._channel = grpc.insecure_channel(target, _OPTIONS)
+            self._channel = grpc.insecure_channel(self.target, options)
         self._stub = pb_grpc.TokenwireStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout = timeout
@@ -134,16 +148,17 @@ class Client:
 
 
 class AsyncClient:
-    """The same calls for asyncio code."""
+    """The same calls for asyncio code; the same targets, balancing and retries as Client."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, tls: bool = False,
-                 root_certificates: bytes | None = None, private_key: bytes | None = None,
-                 certificate_chain: bytes | None = None):
+    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, *, timeout: float | None = None,
+                 tls: bool = False, root_certificates: bytes | None = None, private_key: bytes | None = None,
+                 certificate_chain: bytes | None = None, retries: bool = True):
+        self.target, options = channel_options(target, retries=retries)
         if tls or root_certificates:
             self._channel = grpc.aio.secure_channel(
-                target, _credentials(root_certificates, private_key, certificate_chain), _OPTIONS)
+                self.target, _credentials(root_certificates, private_key, certificate_chain), options)
         else:
-            self._channel = grpc.aio.insecure_channel(target, _OPTIONS)
+            self._channel = grpc.aio.insecure_channel(self.target, options)
         self._stub = pb_grpc.TokenwireStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout = timeout
