@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from . import registry
+from . import logs, registry
 from .errors import TokenwireError
 
 
@@ -75,7 +74,8 @@ def cmd_serve(args) -> None:
                           max_model_len=args.max_model_len)
     asyncio.run(serve(registry.resolve(args.model), host=args.host, port=args.port, dtype=args.dtype,
                       device=args.device, name=args.model if args.model in registry.REGISTRY else "",
-                      limits=limits, engine_config=config))
+                      limits=limits, engine_config=config, metrics_port=args.metrics_port or None,
+                      log_prompts=args.log_prompts))
 
 
 ENV_PREFIX = "TOKENWIRE_"
@@ -179,7 +179,7 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, getattr(args, "log_format", "text"))  # --log-format is a serve flag
     try:
         args.func(args)
     except TokenwireError as e:

@@ -43,8 +43,8 @@ def event_loop_thread():
     thread.join(5)
 
 
-async def _start(engine=None) -> TokenwireServer:
-    server = TokenwireServer("127.0.0.1", 0)
+async def _start(engine=None, **options) -> TokenwireServer:
+    server = TokenwireServer("127.0.0.1", 0, **options)
     await server.start()
     if engine is not None:
         await server.attach(engine)
@@ -69,11 +69,12 @@ def client(served):
 
 @pytest.fixture
 def start_server(event_loop_thread):
-    """Start extra servers (optionally without a model) for a test; stopped after it."""
+    """Start extra servers (optionally without a model) for a test; stopped after it. Options go
+    to TokenwireServer (metrics_port=0: serve /metrics on a free port, server.metrics_port)."""
     started = []
 
-    def start(engine=None) -> RunningServer:
-        server = asyncio.run_coroutine_threadsafe(_start(engine), event_loop_thread).result(60)
+    def start(engine=None, **options) -> RunningServer:
+        server = asyncio.run_coroutine_threadsafe(_start(engine, **options), event_loop_thread).result(60)
         started.append(server)
         return RunningServer(server, event_loop_thread, f"127.0.0.1:{server.port}")
 

@@ -13,6 +13,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from ..errors import DeadlineExceeded, EngineUnavailable, InvalidArgument, QueueFull
+from . import calls
 
 log = logging.getLogger(__name__)
 
@@ -33,31 +34,67 @@ def _status(exc: Exception) -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error: {type(exc).__name__}")
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception):
+async def _abort(servicer, context: grpc.aio.ServicerContext, exc: Exception, call: calls.RpcCall):
     status = rpc_status.to_status(_status(exc))
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    call.code = status.code.name
+    calls.end(call, servicer, context)  # counted and logged before the client can see the status
+    await context.abort(status.code, status.details, tuple(status.trailing_metadata) + call.metadata)
+
+
+def _aborted_code(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
 def rpc_errors(method):
-    """Wrap an RPC (unary or server-streaming) so any exception becomes the right status."""
+    """Wrap an RPC (unary or server-streaming) so any exception becomes the right status, and
+    every call gets a request id (api/calls.py), is counted by status code and is logged once.
+
+    The id goes back in the trailing metadata of every call, and in the initial metadata sent
+    with the first message (or the unary response), never earlier: gRPC commits a call once
+    response headers arrive, so a failure before any response stays Trailers-Only and clients
+    can retry it on another replica."""
+    name = method.__name__
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, request, context):
+            call = calls.begin(name, context)
             try:
+                first = True
                 async for response in method(self, request, context):
+                    if first:
+                        await context.send_initial_metadata(call.metadata)
+                        first = False
                     yield response
-            except (asyncio.CancelledError, grpc.aio.AbortError):
+                call.code = "OK"
+            except asyncio.CancelledError:
+                call.code = calls.cancelled_code(context)
+                raise
+            except grpc.aio.AbortError:
+                call.code = call.code or _aborted_code(context)
                 raise
             except Exception as e:
-                await _abort(context, e)
+                await _abort(self, context, e, call)
+            finally:  # also when the stream is closed early (GeneratorExit): code still None
+                calls.end(call, self, context)
         return stream
 
     @functools.wraps(method)
     async def unary(self, request, context):
+        call = calls.begin(name, context)
         try:
-            return await method(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+            response = await method(self, request, context)
+            await context.send_initial_metadata(call.metadata)
+            call.code = "OK"
+            return response
+        except asyncio.CancelledError:
+            call.code = calls.cancelled_code(context)
+            raise
+        except grpc.aio.AbortError:
+            call.code = call.code or _aborted_code(context)
             raise
         except Exception as e:
-            await _abort(context, e)
+            await _abort(self, context, e, call)
+        finally:
+            calls.end(call, self, context)
     return unary

@@ -14,6 +14,7 @@ from ..errors import EngineUnavailable, InvalidArgument
 from ..limits import Limits
 from ..tokenizer import named_encoding
 from . import convert
+from .calls import note
 from .errors import rpc_errors
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tokenwire"].full_name
@@ -25,8 +26,10 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class TokenwireServicer(pb_grpc.TokenwireServicer):
-    def __init__(self, limits: Limits = Limits()):
+    def __init__(self, limits: Limits = Limits(), metrics=None, log_prompts: bool = False):
         self.limits = limits
+        self.metrics = metrics  # tokenwire_server.metrics.Metrics: RPCs counted by status (api/calls.py)
+        self.log_prompts = log_prompts  # request log lines carry the prompt text
         self._engine: AsyncEngine | None = None  # attached once the model has loaded
 
     def attach(self, engine: AsyncEngine | None) -> None:
@@ -58,11 +61,14 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
                 prefix, token_bytes = tok.prefix_ids(request.add_special_tokens), tok.token_bytes
                 ids = tok.encode(text, add_special_tokens=False, allow_special=request.allow_special)
             results.append(convert.tokenize_result(prefix, ids, token_bytes, text, keep, request.return_tokens))
+        note(prompt_tokens=sum(r.original_token_count for r in results),
+             prompt=list(request.texts) if self.log_prompts else None)
         return pb.TokenizeResponse(results=results)
 
     @rpc_errors
     async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
         tok = self.engine.engine.tokenizer
+        note(prompt_tokens=len(request.ids))
         for i, t in enumerate(request.ids):
             if not tok.is_valid_id(t):
                 raise InvalidArgument(f"ids[{i}]", f"token id {t} is not in the vocabulary")
@@ -74,6 +80,7 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
         engine = self.engine
         tok = engine.engine.tokenizer
         seqs = convert.sequences(request, engine.engine, self.limits)
+        note(seqs=seqs, prompt=tok.decode(seqs[0].prompt_ids) if self.log_prompts else None)
         first = True
         async with aclosing(engine.generate(seqs, _deadline(context))) as events:
             async for i, event in events:
@@ -87,9 +94,11 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
     @rpc_errors
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         engine = self.engine
-        items = convert.score_items(request, engine.engine, self.limits)
-        outputs = await engine.score(items, request.ranks, request.top_n, _deadline(context))
         tok = engine.engine.tokenizer
+        items = convert.score_items(request, engine.engine, self.limits)
+        note(prompt_tokens=sum(len(ids) for ids, _, _ in items),
+             prompt=[tok.decode(ids) for ids, _, _ in items] if self.log_prompts else None)
+        outputs = await engine.score(items, request.ranks, request.top_n, _deadline(context))
         return pb.ScoreResponse(results=[convert.score_result(o, tok, request.ranks) for o in outputs])
 
     @rpc_errors

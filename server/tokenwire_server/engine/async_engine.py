@@ -62,10 +62,15 @@ class _Request:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, limits: Limits = Limits()):
+    """`metrics`, when given, is told from the engine thread of what happens: `on_add(seq)`,
+    `on_step(batch_size, kv_usage, waiting, running, preempted)`, `on_token(seq, now)` and
+    `on_finish(seq)` (tokenwire_server.metrics.Metrics)."""
+
+    def __init__(self, engine: LLMEngine, limits: Limits = Limits(), metrics=None):
         self.engine = engine
         self.limits = limits
-        self.stats = EngineStats()
+        self.metrics = metrics
+        self.stats = EngineStats(preemptions=engine.num_preemptions)
         self._inbox: queue.Queue[_Request | None] = queue.Queue()
         self._requests: dict[Sequence, _Request] = {}
         self._thread = threading.Thread(target=self._loop, name="tokenwire-engine", daemon=True)
@@ -158,6 +163,8 @@ class AsyncEngine:
                     self.engine.add(seq, self.limits)
                     self._requests[seq] = request
                     self.stats.prompt_tokens += len(seq.prompt_ids)
+                    if self.metrics is not None:
+                        self.metrics.on_add(seq)
             except Exception as e:
                 if not getattr(e, "expected", False):
                     log.exception("request failed when added")
@@ -187,6 +194,8 @@ class AsyncEngine:
         index = request.seqs.index(seq)
         stream = request.streams[index]
         self.stats.generated_tokens += 1
+        if self.metrics is not None:
+            self.metrics.on_token(seq, time.monotonic())
         text, stop = stream.push(event.token_id)
         reason = FinishReason.STOP_SEQUENCE if stop else event.finish_reason
         limit = seq.params.time_limit
@@ -207,6 +216,8 @@ class AsyncEngine:
         if seq.finish_reason is not None:
             self.stats.finished[seq.finish_reason] += 1
         self.stats.cached_tokens += seq.cached_tokens
+        if self.metrics is not None:
+            self.metrics.on_finish(seq)
 
     def _fail(self, request: _Request, error: Exception) -> None:
         for seq in request.seqs:
@@ -216,7 +227,11 @@ class AsyncEngine:
 
     def _update_stats(self) -> None:
         s = self.engine.scheduler
+        preempted = self.engine.num_preemptions - self.stats.preemptions
         self.stats.waiting = len(s.waiting)
         self.stats.running = len(s.running)
         self.stats.steps = self.engine.num_steps
         self.stats.preemptions = self.engine.num_preemptions
+        if self.metrics is not None:
+            batch = self.engine.last_batch_size if s.has_work() else 0
+            self.metrics.on_step(batch, self.engine.blocks.usage, len(s.waiting), len(s.running), preempted)
