@@ -120,13 +120,14 @@ class _Progress:
 async def run(target: str | list[str], *, concurrency: int = 1, rate: float | None = None, prompt_tokens: int = 128,
               output_tokens: int = 128, requests: int | None = None, duration: float | None = None,
               warmup: int = 2, temperature: float = 0.0, prompts_file: str | None = None,
-              timeout: float = 600.0, progress: bool = True) -> Report:
+              timeout: float = 600.0, progress: bool = True, client_options: dict | None = None) -> Report:
+    """client_options: AsyncClient keyword arguments (api_key, TLS certificates)."""
     if requests is None and duration is None:
         requests = max(4 * concurrency, 8)
     settings = dict(target=target, concurrency=concurrency, rate=rate, prompt_tokens=prompt_tokens,
                     output_tokens=output_tokens, requests=requests, duration=duration, warmup=warmup,
                     temperature=temperature, prompts_file=prompts_file)
-    async with AsyncClient(target, timeout=timeout) as client:
+    async with AsyncClient(target, timeout=timeout, **(client_options or {})) as client:
         pool = await _prompts(client, prompt_tokens, max(requests or 0, 512), prompts_file)
         for i in range(warmup):  # compile paths, fill caches: not measured
             await _one(client, pool[-1 - i], min(output_tokens, 8), temperature)

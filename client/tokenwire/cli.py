@@ -100,7 +100,7 @@ def cmd_bench(client: Client, args) -> int:
                              prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
                              requests=args.requests, duration=args.duration, warmup=args.warmup,
                              temperature=args.temperature, prompts_file=args.prompts_file,
-                             progress=not args.json))
+                             progress=not args.json, client_options=client.options))
     print(json.dumps(report_dict(report), indent=2) if args.json else format_report(report))
     return 1 if report.errors else 0
 
@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "dns:///name:port (env TOKENWIRE_SERVER; default localhost:50051)")
     parser.add_argument("--timeout", type=float, help="seconds before the call is abandoned")
     parser.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (turns TLS on)")
+    parser.add_argument("--tls-cert", help="PEM client certificate chain, for servers that require mutual TLS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--api-key", default=os.environ.get("TOKENWIRE_API_KEY"),
+                        help="sent as 'authorization: Bearer <key>' (env TOKENWIRE_API_KEY)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -166,9 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    root = open(args.tls_ca, "rb").read() if args.tls_ca else None
     try:
-        client = Client(args.server, timeout=args.timeout, root_certificates=root)
+        tls = {name: open(path, "rb").read() if path else None for name, path in
+               [("root_certificates", args.tls_ca), ("certificate_chain", args.tls_cert),
+                ("private_key", args.tls_key)]}
+    except OSError as e:
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    try:
+        client = Client(args.server, timeout=args.timeout, api_key=args.api_key, tls=bool(args.tls_cert), **tls)
     except (ValueError, OSError) as e:  # a malformed --server, or no listed host resolves
         print(f"error: --server: {e}", file=sys.stderr)
         return 2

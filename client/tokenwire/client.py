@@ -31,6 +31,11 @@ def _credentials(root_certificates: bytes | None, private_key: bytes | None,
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
+def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The server checks 'authorization: Bearer <key>' on every call but health."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
 def _tokenize_request(texts, add_special_tokens, allow_special, truncate_input_tokens, encoding, return_tokens):
     return pb.TokenizeRequest(texts=[texts] if isinstance(texts, str) else list(texts),
                               add_special_tokens=add_special_tokens, allow_special=allow_special,
@@ -76,15 +81,21 @@ class Client:
 
     target: "host:port", any grpc target ("dns:///name:port" balances over every address of the
     name), or several host:port addresses, as a list or comma-separated; hostnames in a list are
-    resolved once, here. Tokenize, Detokenize, Score and ModelInfo, and Generate before its first
+    resolved once, here. api_key: sent as 'authorization: Bearer <key>' on every call; TLS:
+    root_certificates (the server's CA), plus private_key and certificate_chain for mutual TLS.
+    Tokenize, Detokenize, Score and ModelInfo, and Generate before its first
     message, are retried on UNAVAILABLE (up to 5 attempts, within the timeout); retries=False
     turns that off. Raises ValueError for a malformed address, OSError when no listed host resolves.
     """
 
     def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, *, timeout: float | None = None,
                  tls: bool = False, root_certificates: bytes | None = None, private_key: bytes | None = None,
-                 certificate_chain: bytes | None = None, retries: bool = True):
+                 certificate_chain: bytes | None = None, retries: bool = True, api_key: str | None = None):
         self.target, options = channel_options(target, retries=retries)
+        self._metadata = _auth_metadata(api_key)
+        # How this client connects, so another client (AsyncClient, the bench) can connect alike.
+        self.options = dict(tls=tls, root_certificates=root_certificates, private_key=private_key,
+                            certificate_chain=certificate_chain, retries=retries, api_key=api_key)
         if tls or root_certificates:
             self._channel = grpc.secure_channel(
                 self.target, _credentials(root_certificates, private_key, certificate_chain), options)
@@ -105,7 +116,7 @@ class Client:
 
     def _call(self, method, request, timeout):
         try:
-            return method(request, timeout=timeout if timeout is not None else self.timeout)
+            return method(request, timeout=timeout if timeout is not None else self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise TokenwireError.from_rpc_error(e) from None
 
@@ -123,7 +134,8 @@ class Client:
     def generate_stream(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> GenerateStream:
         """Start a generation; iterate the result for Deltas. See generate() for the arguments."""
         req = convert.generate_request(prompt, **kwargs)
-        return GenerateStream(self._stub.Generate(req, timeout=timeout if timeout is not None else self.timeout))
+        return GenerateStream(self._stub.Generate(req, timeout=timeout if timeout is not None else self.timeout,
+                                                  metadata=self._metadata))
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> Generation:
         """Generate from text (or token_ids=..., or messages=[{"role", "content"}]) and collect
@@ -152,8 +164,9 @@ class AsyncClient:
 
     def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, *, timeout: float | None = None,
                  tls: bool = False, root_certificates: bytes | None = None, private_key: bytes | None = None,
-                 certificate_chain: bytes | None = None, retries: bool = True):
+                 certificate_chain: bytes | None = None, retries: bool = True, api_key: str | None = None):
         self.target, options = channel_options(target, retries=retries)
+        self._metadata = _auth_metadata(api_key)
         if tls or root_certificates:
             self._channel = grpc.aio.secure_channel(
                 self.target, _credentials(root_certificates, private_key, certificate_chain), options)
@@ -174,7 +187,8 @@ class AsyncClient:
 
     async def _call(self, method, request, timeout):
         try:
-            return await method(request, timeout=timeout if timeout is not None else self.timeout)
+            return await method(request, timeout=timeout if timeout is not None else self.timeout,
+                                metadata=self._metadata)
         except grpc.RpcError as e:
             raise TokenwireError.from_rpc_error(e) from None
 
@@ -195,7 +209,8 @@ class AsyncClient:
                               **kwargs) -> AsyncIterator[Delta | InputInfo | Final]:
         """Every event of the stream: InputInfo, then Deltas, then Final."""
         call = self._stub.Generate(convert.generate_request(prompt, **kwargs),
-                                   timeout=timeout if timeout is not None else self.timeout)
+                                   timeout=timeout if timeout is not None else self.timeout,
+                                   metadata=self._metadata)
         try:
             async for msg in call:
                 yield convert.event(msg)

@@ -48,3 +48,7 @@ class QueueFull(TokenwireError):
     """The engine's waiting queue is full: the server is overloaded."""
 
     expected = True
+
+
+class ConfigError(TokenwireError):
+    """The server's own configuration (flags, files it names) is unusable."""

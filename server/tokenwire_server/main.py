@@ -59,10 +59,15 @@ def cmd_serve(args) -> None:
     import asyncio
 
     from .limits import Limits
+    from .security import load_api_keys, server_credentials
     from .server import serve
 
     from .engine.llm_engine import EngineConfig
 
+    # Configuration mistakes fail here, before the model loads.
+    credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+    api_keys = load_api_keys(args.api_keys_file)
+    model_path = registry.resolve(args.model)
     if args.threads:
         import torch
 
@@ -71,11 +76,12 @@ def cmd_serve(args) -> None:
     config = EngineConfig(kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
                           max_batched_tokens=args.max_batched_tokens, max_queued=args.max_queued_requests,
                           queue_timeout=args.queue_timeout, prefix_caching=not args.no_prefix_caching,
-                          max_model_len=args.max_model_len)
-    asyncio.run(serve(registry.resolve(args.model), host=args.host, port=args.port, dtype=args.dtype,
+                          max_model_len=args.max_model_len, int4_max_rows=args.int4_max_rows)
+    asyncio.run(serve(model_path, host=args.host, port=args.port, dtype=args.dtype,
                       device=args.device, name=args.model if args.model in registry.REGISTRY else "",
-                      limits=limits, engine_config=config, metrics_port=args.metrics_port or None,
-                      log_prompts=args.log_prompts))
+                      limits=limits, engine_config=config, drain_timeout=args.drain_timeout,
+                      metrics_port=args.metrics_port or None, health_port=args.health_port,
+                      credentials=credentials, api_keys=api_keys, log_prompts=args.log_prompts))
 
 
 ENV_PREFIX = "TOKENWIRE_"
@@ -97,6 +103,11 @@ def env_defaults(parser: argparse.ArgumentParser, environ=os.environ) -> None:
         if name not in environ:
             continue
         raw = environ[name]
+        if raw.startswith(("tcp://", "udp://")):
+            # Kubernetes service links: a Service named tokenwire sets TOKENWIRE_PORT=tcp://...
+            print(f"tokenwire-server: ignoring {name}={raw} (a Kubernetes service link, not a setting)",
+                  file=sys.stderr)
+            continue
         if isinstance(action, argparse._StoreTrueAction):
             if raw.strip().lower() not in _TRUE | _FALSE:
                 parser.error(f"{name}={raw!r}: expected true or false")
@@ -160,6 +171,10 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
     eng.add_argument("--queue-timeout", type=float, help="seconds a request may wait before it fails")
     eng.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     eng.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+    eng.add_argument("--int4-max-rows", type=int, default=8,
+                     help="steps of at most this many tokens multiply with the checkpoint's 4-bit weights as "
+                          "stored (Q4_0/Q4_1 GGUF layers, CPU, bfloat16 or float16); larger steps use the "
+                          "dequantized weights (0: always)")
     env_defaults(p, environ)
     p.set_defaults(func=cmd_serve)
 

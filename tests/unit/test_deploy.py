@@ -26,6 +26,7 @@ from tokenwire.v1 import tokenwire_pb2
 
 from tokenwire_server import registry
 from tokenwire_server.main import build_parser, env_name
+from tokenwire_server.server import LIVENESS_SERVICE, READINESS_SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -41,9 +42,9 @@ SERVER_CONTAINER = "tokenwire"
 # Variables the server reads besides TOKENWIRE_<flag dest>: registry.home(), the API-key list,
 # and the top-level --log-level default.
 EXTRA_ENV = {"TOKENWIRE_HOME", "TOKENWIRE_API_KEYS", "TOKENWIRE_LOG_LEVEL"}
-# The server sets health for "" and the Tokenwire service (server.py, _set_health).
+# Health services the server reports: readiness ("" and the Tokenwire service) and liveness.
 SERVICE_NAME = tokenwire_pb2.DESCRIPTOR.services_by_name["Tokenwire"].full_name
-HEALTH_SERVICES = {"", SERVICE_NAME}
+READINESS = set(READINESS_SERVICES)
 TLS_SECRET, API_KEYS_SECRET = "tokenwire-tls", "tokenwire-api-keys"
 TLS_KEYS = {"tls_cert": "tls.crt", "tls_key": "tls.key", "tls_client_ca": "ca.crt"}
 CONTAINER_PORTS = {"port": "grpc", "health_port": "health", "metrics_port": "metrics"}
@@ -320,9 +321,12 @@ def check_probes(objects, dockerfile) -> list[str]:
             continue
         if probe["grpc"]["port"] != ns.health_port:
             problems.append(f"{kind} probes port {probe['grpc']['port']}, the health port is {ns.health_port}")
-        if probe["grpc"].get("service", "") not in HEALTH_SERVICES:
+        # Liveness must not fail while the model loads or a drain runs: it asks for "liveness";
+        # startup and readiness wait for the model.
+        want = {LIVENESS_SERVICE} if kind == "livenessProbe" else READINESS
+        if probe["grpc"].get("service", "") not in want:
             problems.append(f"{kind} asks for health service {probe['grpc'].get('service')!r}, "
-                            f"served: {sorted(HEALTH_SERVICES)}")
+                            f"expected one of {sorted(want)}")
     startup = container.get("startupProbe", {})
     budget = startup.get("initialDelaySeconds", 0) + startup.get("periodSeconds", 10) * startup.get(
         "failureThreshold", 3)
@@ -679,8 +683,6 @@ MUTATIONS = {
                                    _set(_configmap, "TOKENWIRE_MAX_NUM_SEQ", "8")),
     "bad value": ("base", check_parses, "TOKENWIRE_LOG_FORMAT", _set(_configmap, "TOKENWIRE_LOG_FORMAT", "xml")),
     "unknown flag": ("base", check_parses, "unrecognized", _edit_args("--port=50051", "--grpc-port=50051")),
-    "service links": ("base", check_parses, "TOKENWIRE_PORT",
-                      lambda o: pod_spec(o).pop("enableServiceLinks")),
     "health port moved": ("base", check_ports, "health_port", _edit_args("--health-port=50052", "--health-port=50053")),
     "metrics port renamed": ("base", check_ports, "'metrics'", _set(_container, "ports", 2, "name", "prom")),
     "loopback host": ("base", check_ports, "every interface", _edit_args("--host=0.0.0.0", "--host=127.0.0.1")),
@@ -754,6 +756,16 @@ MUTATIONS = {
                     lambda o: _container(o).setdefault("env", []).append(
                         {"name": "TOKENWIRE_TLS_CERT", "value": "/x.crt"})),
 }
+
+
+def test_kubernetes_service_links_do_not_break_the_flags():
+    """With service links on, a Service named tokenwire sets TOKENWIRE_PORT=tcp://...; the
+    server ignores such values, so the port stays the one in the args."""
+    objects, dockerfile = render("base"), DOCKERFILE.read_text()
+    pod_spec(objects).pop("enableServiceLinks")
+    assert "TOKENWIRE_PORT" in service_link_env(objects, pod_spec(objects))
+    assert check_parses(objects, dockerfile) == []
+    assert parse_serve(objects, dockerfile).port == 50051
 
 
 @pytest.mark.parametrize("name", MUTATIONS)

@@ -31,12 +31,15 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
         self.metrics = metrics  # tokenwire_server.metrics.Metrics: RPCs counted by status (api/calls.py)
         self.log_prompts = log_prompts  # request log lines carry the prompt text
         self._engine: AsyncEngine | None = None  # attached once the model has loaded
+        self.draining = False  # shutting down: new calls are turned away
 
     def attach(self, engine: AsyncEngine | None) -> None:
         self._engine = engine
 
     @property
     def engine(self) -> AsyncEngine:
+        if self.draining:
+            raise EngineUnavailable("the server is shutting down; retry on another replica")
         if self._engine is None:
             raise EngineUnavailable("the model is not loaded yet")
         return self._engine
