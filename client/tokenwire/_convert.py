@@ -20,7 +20,8 @@ def generate_request(prompt: str | None = None, *, token_ids: list[int] | None =
                      stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
                      include_stop_sequence: bool = False, time_limit: float | None = None,
                      ignore_eos: bool = False, logprobs: bool = False, ranks: bool = False, top_n: int = 0,
-                     prompt_tokens: bool = False, truncate_input_tokens: int | None = None) -> pb.GenerateRequest:
+                     prompt_tokens: bool = False, truncate_input_tokens: int | None = None,
+                     n: int = 1) -> pb.GenerateRequest:
     given = [x is not None for x in (prompt, token_ids, messages)]
     if sum(given) != 1:
         raise ValueError("give exactly one of prompt, token_ids or messages")
@@ -34,7 +35,7 @@ def generate_request(prompt: str | None = None, *, token_ids: list[int] | None =
                                      include_stop_sequence=include_stop_sequence,
                                      time_limit_seconds=time_limit, ignore_eos=ignore_eos),
         response=pb.ResponseOptions(logprobs=logprobs, ranks=ranks, top_n=top_n, prompt_tokens=prompt_tokens),
-        truncate_input_tokens=truncate_input_tokens)
+        truncate_input_tokens=truncate_input_tokens, n=n)
     if prompt is not None:
         req.text = prompt
     elif token_ids is not None:
@@ -80,27 +81,30 @@ def event(msg: pb.GenerateResponse):
 
 
 class Collector:
-    """Folds a stream's events into one Generation."""
+    """Folds a stream's events into one Generation per sample (index)."""
 
     def __init__(self):
         self.input: InputInfo | None = None
-        self.final: Final | None = None
-        self.text: list[str] = []
-        self.tokens: list[TokenInfo] = []
+        self.finals: dict[int, Final] = {}
+        self.text: dict[int, list[str]] = {}
+        self.tokens: dict[int, list[TokenInfo]] = {}
 
     def add(self, item) -> None:
         if isinstance(item, InputInfo):
             self.input = item
         elif isinstance(item, Delta):
-            self.text.append(item.text)
-            self.tokens += item.tokens
+            self.text.setdefault(item.index, []).append(item.text)
+            self.tokens.setdefault(item.index, []).extend(item.tokens)
         else:
-            self.final = item
+            self.finals[item.index] = item
 
-    def result(self) -> Generation:
-        i, f = self.input, self.final
-        return Generation("".join(self.text), self.tokens, f.finish_reason, f.stop_sequence, f.usage, i.seed,
-                          i.prompt_token_count, i.truncated, i.prompt_tokens)
+    def result(self, index: int = 0) -> Generation:
+        i, f = self.input, self.finals[index]
+        return Generation("".join(self.text.get(index, [])), self.tokens.get(index, []), f.finish_reason,
+                          f.stop_sequence, f.usage, i.seed, i.prompt_token_count, i.truncated, i.prompt_tokens)
+
+    def results(self) -> list[Generation]:
+        return [self.result(index) for index in sorted(self.finals)]
 
 
 def scored(r: pb.ScoreResult) -> Scored:

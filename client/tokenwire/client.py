@@ -75,6 +75,12 @@ class GenerateStream:
             pass
         return self._collector.result()
 
+    def results(self) -> list[Generation]:
+        """Every sample's generation, by index (n > 1)."""
+        for _ in self:
+            pass
+        return self._collector.results()
+
 
 class Client:
     """Calls to one tokenwire server or to several replicas.
@@ -144,6 +150,12 @@ class Client:
         max_new_tokens, min_new_tokens, stop, stop_token_ids, include_stop_sequence, time_limit,
         ignore_eos, logprobs, ranks, top_n, prompt_tokens, truncate_input_tokens."""
         return self.generate_stream(prompt, timeout=timeout, **kwargs).result()
+
+    def generate_samples(self, prompt: str | None = None, *, n: int, timeout: float | None = None,
+                         **kwargs) -> list[Generation]:
+        """n samples of one prompt in one call (the prompt is computed once); sample i used
+        seed + i. Same keyword arguments as generate()."""
+        return self.generate_stream(prompt, timeout=timeout, n=n, **kwargs).results()
 
     def score(self, items: list, *, ranks: bool = False, top_n: int = 0, timeout: float | None = None) -> list[Scored]:
         """items: texts (every token after the first is scored) or (context, continuation) pairs."""
@@ -224,6 +236,13 @@ class AsyncClient:
         async for item in self.generate_stream(prompt, timeout=timeout, **kwargs):
             collector.add(item)
         return collector.result()
+
+    async def generate_samples(self, prompt: str | None = None, *, n: int, timeout: float | None = None,
+                               **kwargs) -> list[Generation]:
+        collector = convert.Collector()
+        async for item in self.generate_stream(prompt, timeout=timeout, n=n, **kwargs):
+            collector.add(item)
+        return collector.results()
 
     async def score(self, items: list, *, ranks: bool = False, top_n: int = 0,
                     timeout: float | None = None) -> list[Scored]:

@@ -74,3 +74,12 @@ def test_n_above_the_limit_is_rejected(stub, client):
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Generate(pb.GenerateRequest(text="Hi", n=limit + 1), timeout=30))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("n:")
+
+
+def test_client_collects_every_sample(client):
+    kw = dict(temperature=0.9, seed=77, max_new_tokens=8, ignore_eos=True)
+    samples = client.generate_samples(PROMPT, n=2, **kw)
+    assert [s.seed for s in samples] == [77, 77]  # the request's seed; sample i used seed + i
+    for i, s in enumerate(samples):
+        assert s.usage.completion_tokens == 8 and s.finish_reason == "length"
+        assert s.text == client.generate(PROMPT, **{**kw, "seed": 77 + i}).text

@@ -81,3 +81,23 @@ def test_stop_token_ids_and_repetition_penalty(engine, tokenizer):
         temperature=0, max_new_tokens=8, ignore_eos=True, repetition_penalty=5.0))]
     repeated = max(set(greedy), key=greedy.count)
     assert greedy.count(repeated) > 1 and penalised.count(repeated) < greedy.count(repeated)
+
+
+def test_small_steps_run_on_one_thread(make_engine, tokenizer):
+    import torch
+
+    engine = make_engine(kv_cache_tokens=1024, single_thread_rows=8)
+    seen = []
+    hook = engine.runner.model.register_forward_pre_hook(lambda m, args: seen.append((len(args[0]),
+                                                                                       torch.get_num_threads())))
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        prompt = tokenizer.encode("One two three four five six seven eight nine ten eleven twelve")
+        list(engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)))
+        assert torch.get_num_threads() == 2  # restored after each step
+    finally:
+        hook.remove()
+        torch.set_num_threads(original)
+    assert seen[0] == (len(prompt), 2)  # the prompt: more than 8 rows, every thread
+    assert [threads for _, threads in seen[1:]] == [1, 1]  # decodes: one thread

@@ -70,12 +70,15 @@ class EngineConfig:
     # Steps of at most this many token rows multiply with 4-bit weights as stored (Q4 GGUF
     # layers, CPU, bfloat16/float16 compute; float32 stays on the dequantized weights). 0: off.
     int4_max_rows: int = 8
+    # Steps of at most this many token rows run on one CPU thread (0: always all threads).
+    single_thread_rows: int = 8
 
 
 class LLMEngine:
     def __init__(self, model, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype, name: str = "",
                  config: EngineConfig = EngineConfig()):
-        self.runner = ModelRunner(model, device, dtype, config.kv_cache_tokens, config.block_size)
+        self.runner = ModelRunner(model, device, dtype, config.kv_cache_tokens, config.block_size,
+                                  config.single_thread_rows)
         self.tokenizer = tokenizer
         self.config = model.config
         self.engine_config = config
