@@ -11,6 +11,8 @@ import weakref
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from .errors import ConfigError
+
 # CPU serving: from milliseconds (a decode step of a small model) to tens of seconds (a long
 # prompt behind a busy batch).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -104,7 +106,10 @@ class Metrics:
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Serve /metrics over HTTP on a daemon thread; returns the bound port (port 0: any free one)."""
-        self._http, self._http_thread = start_http_server(port, host, registry=self.registry)
+        try:
+            self._http, self._http_thread = start_http_server(port, host, registry=self.registry)
+        except OSError as e:
+            raise ConfigError(f"--metrics-port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
         return self._http.server_port
 
     def close(self) -> None:

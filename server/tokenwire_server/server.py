@@ -15,6 +15,7 @@ from .api.servicer import SERVICE_NAME, TokenwireServicer
 from .engine import LLMEngine, SamplingParams
 from .engine.llm_engine import EngineConfig
 from .engine.async_engine import AsyncEngine
+from .errors import ConfigError
 from .limits import Limits
 from .metrics import Metrics
 from .security import ApiKeyInterceptor
@@ -24,7 +25,9 @@ log = logging.getLogger(__name__)
 MAX_RECEIVE_BYTES = 8 * 2**20
 MAX_SEND_BYTES = 64 * 2**20
 GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-                ("grpc.max_send_message_length", MAX_SEND_BYTES)]
+                ("grpc.max_send_message_length", MAX_SEND_BYTES),
+                # A second server on a taken port must fail, not silently share its traffic.
+                ("grpc.so_reuseport", 0)]
 
 
 # Health: "" and the Tokenwire service report readiness (NOT_SERVING until the model has loaded
@@ -60,15 +63,13 @@ class TokenwireServer:
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server)
-        address = f"{host}:{port}"
-        self.port = (self.server.add_secure_port(address, credentials) if credentials is not None
-                     else self.server.add_insecure_port(address))
+        self.port = _bind(self.server, host, port, "--port", credentials)
         self.health_server: grpc.aio.Server | None = None
         self.health_port = health_port
         if health_port is not None:
             self.health_server = grpc.aio.server(options=GRPC_OPTIONS)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            self.health_port = self.health_server.add_insecure_port(f"{host}:{health_port}")
+            self.health_port = _bind(self.health_server, host, health_port, "--health-port")
         self.engine: AsyncEngine | None = None
 
     async def start(self) -> int:
@@ -115,6 +116,17 @@ class TokenwireServer:
         if service == SERVICE_NAME:
             self.metrics.on_rpc(name, "UNAUTHENTICATED")
         log.info("denied %s: missing or unknown API key", method)
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int, flag: str,
+          credentials: grpc.ServerCredentials | None = None) -> int:
+    address = f"{host}:{port}"
+    try:
+        if credentials is not None:
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc's "Failed to bind": the port is taken or the host is not ours
+        raise ConfigError(f"{flag} {port}: cannot listen on {address} ({e})") from None
 
 
 def warm_up(engine: LLMEngine) -> None:

@@ -136,3 +136,19 @@ def test_tls_configuration_errors(pki):
         server_credentials(None, None, str(d / "ca.crt"))
     with pytest.raises(ConfigError, match="--tls-key .*missing"):
         server_credentials(str(d / "tls.crt"), str(d / "missing"), None)
+
+
+def test_a_taken_port_is_a_clear_error(start_server):
+    from tokenwire_server.server import TokenwireServer
+
+    bare = start_server(metrics_port=0)
+
+    async def start(port=0, **options):  # on the server loop's thread, as grpc.aio needs
+        await TokenwireServer("127.0.0.1", port, **options).start()
+
+    with pytest.raises(ConfigError, match="--port .* cannot listen"):
+        bare.run(start(bare.server.port))
+    with pytest.raises(ConfigError, match="--health-port"):
+        bare.run(start(health_port=bare.server.port))
+    with pytest.raises(ConfigError, match="--metrics-port"):
+        bare.run(start(metrics_port=bare.server.metrics_port))
