@@ -100,7 +100,7 @@ def cmd_bench(client: Client, args) -> int:
                              prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
                              requests=args.requests, duration=args.duration, warmup=args.warmup,
                              temperature=args.temperature, prompts_file=args.prompts_file,
-                             progress=not args.json, client_options=client.options))
+                             progress=not args.json, client_options=args.client_options))
     print(json.dumps(report_dict(report), indent=2) if args.json else format_report(report))
     return 1 if report.errors else 0
 
@@ -177,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
+    # How to connect: the same for this client and the bench's own AsyncClient.
+    args.client_options = dict(api_key=args.api_key, tls=bool(args.tls_cert), **tls)
     try:
-        client = Client(args.server, timeout=args.timeout, api_key=args.api_key, tls=bool(args.tls_cert), **tls)
+        client = Client(args.server, timeout=args.timeout, **args.client_options)
     except (ValueError, OSError) as e:  # a malformed --server, or no listed host resolves
         print(f"error: --server: {e}", file=sys.stderr)
         return 2

@@ -99,9 +99,6 @@ class Client:
                  certificate_chain: bytes | None = None, retries: bool = True, api_key: str | None = None):
         self.target, options = channel_options(target, retries=retries)
         self._metadata = _auth_metadata(api_key)
-        # How this client connects, so another client (AsyncClient, the bench) can connect alike.
-        self.options = dict(tls=tls, root_certificates=root_certificates, private_key=private_key,
-                            certificate_chain=certificate_chain, retries=retries, api_key=api_key)
         if tls or root_certificates:
             self._channel = grpc.secure_channel(
                 self.target, _credentials(root_certificates, private_key, certificate_chain), options)

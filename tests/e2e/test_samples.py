@@ -83,3 +83,21 @@ def test_client_collects_every_sample(client):
     for i, s in enumerate(samples):
         assert s.usage.completion_tokens == 8 and s.finish_reason == "length"
         assert s.text == client.generate(PROMPT, **{**kw, "seed": 77 + i}).text
+
+
+def test_sample_seeds_wrap_within_the_valid_range(make_engine, tokenizer):
+    engine = make_engine(kv_cache_tokens=1024)
+    seqs = samples(tokenizer.encode("Hi"), sampled(seed=2**63 - 1), n=2)
+    assert [s.params.seed for s in seqs] == [2**63 - 1, 0]
+    run(engine, seqs)  # both are accepted and generate
+    assert all(len(s.output_ids) == 12 for s in seqs)
+
+
+def test_tokens_between_matches_slicing_the_whole_sequence():
+    from tokenwire_server.engine.sequence import Sequence
+
+    seq = Sequence([1, 2, 3, 4], sampled())
+    seq.output_ids += [5, 6, 7]
+    for start in range(8):
+        for end in range(start, 8):
+            assert seq.tokens_between(start, end) == seq.tokens[start:end]

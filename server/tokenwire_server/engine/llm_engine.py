@@ -4,7 +4,6 @@ sequence advances together (continuous batching over a paged, prefix-cached KV c
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -138,10 +137,9 @@ class LLMEngine:
         if seq.score_from is None:
             self.check_prompt(seq.prompt_ids)
             seq.params.validate(limits, self.config.vocab_size)
-            if seq.params.seed is None:
-                seq.params.seed = random.randrange(2**63)  # reported back, so the output can be replayed
-            self._generators[seq] = None if seq.params.greedy else \
-                torch.Generator(self.runner.device).manual_seed(seq.params.seed)
+            seed = seq.params.ensure_seed()
+            generator = None if seq.params.greedy else torch.Generator(self.runner.device).manual_seed(seed)
+            self._generators[seq] = generator
             self._stopping[seq] = StoppingCriteria(seq.params, self.tokenizer.eos_ids, len(seq.prompt_ids),
                                                    min(self.context_len, self.kv_capacity_tokens))
             if seq.params.prompt_logprobs:

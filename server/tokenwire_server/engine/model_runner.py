@@ -55,7 +55,7 @@ class ModelRunner:
             start = seq.num_computed
             table = seq.block_table.blocks
             row = len(tokens)
-            tokens += seq.tokens[start:start + n]
+            tokens += seq.tokens_between(start, start + n)
             positions += range(start, start + n)
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             first = max(seq.logits_from, start)

@@ -4,10 +4,13 @@ validated field by field."""
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 
 from ..errors import InvalidArgument
 from ..limits import Limits
+
+SEEDS = 2**63  # seeds are in [0, SEEDS)
 
 
 @dataclass
@@ -36,6 +39,12 @@ class SamplingParams:
     top_n: int = 0
     prompt_logprobs: bool = False
 
+    def ensure_seed(self) -> int:
+        """The seed, drawn now when none was given (it is reported back, so the output can be replayed)."""
+        if self.seed is None:
+            self.seed = random.randrange(SEEDS)
+        return self.seed
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
@@ -50,7 +59,7 @@ class SamplingParams:
             raise InvalidArgument("top_p", f"must be in (0, 1], got {self.top_p}")
         if not (0 <= self.min_p <= 1):
             raise InvalidArgument("min_p", f"must be in [0, 1], got {self.min_p}")
-        if self.seed is not None and not (0 <= self.seed < 2**63):
+        if self.seed is not None and not (0 <= self.seed < SEEDS):
             raise InvalidArgument("seed", f"must be in [0, 2^63), got {self.seed}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise InvalidArgument("repetition_penalty", f"must be > 0 (1 is off), got {self.repetition_penalty}")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import random
 import time
 from dataclasses import dataclass, field
 
 from .block_manager import BlockTable
 from .outputs import FinishReason, TokenLogprob
-from .sampling_params import SamplingParams
+from .sampling_params import SEEDS, SamplingParams
 
 
 class Status(enum.Enum):
@@ -47,6 +46,13 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        """tokens[start:end] without building the whole list (a decode step needs one token)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p:end - p]
+        return self.prompt_ids[start:end] + self.output_ids[:max(0, end - p)]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
@@ -62,11 +68,11 @@ class Sequence:
 
 
 def samples(prompt_ids: list[int], params: SamplingParams, n: int = 1, truncated: bool = False) -> list[Sequence]:
-    """n sequences of one prompt. Sample i uses seed + i, so each one can be replayed alone;
-    only the first reports prompt logprobs (the others share its computed prompt)."""
-    if params.seed is None:
-        params.seed = random.randrange(2**63)  # reported back, so the output can be replayed
+    """n sequences of one prompt. Sample i uses seed + i (wrapping within the valid seeds), so
+    each one can be replayed alone; only the first reports prompt logprobs (the others share
+    its computed prompt)."""
+    seed = params.ensure_seed()
     first = Sequence(prompt_ids, params, truncated)
-    rest = [Sequence(prompt_ids, dataclasses.replace(params, seed=(params.seed + i) % 2**64, prompt_logprobs=False), truncated,
-                     parent=first) for i in range(1, n)]
+    rest = [Sequence(prompt_ids, dataclasses.replace(params, seed=(seed + i) % SEEDS, prompt_logprobs=False),
+                     truncated, parent=first) for i in range(1, n)]
     return [first, *rest]
