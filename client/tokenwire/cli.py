@@ -38,7 +38,7 @@ def cmd_generate(client: Client, args) -> int:
     if args.json:
         _json(stream.result())
         return 0
-    for delta in stream:
+    for delta in stream.deltas():
         sys.stdout.write(delta.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -105,23 +105,37 @@ def cmd_bench(client: Client, args) -> int:
     return 1 if report.errors else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenwire", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", default=os.environ.get("TOKENWIRE_SERVER", "localhost:50051"),
+def _add_global_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """How to reach the server and how to print. The top parser holds the defaults; each
+    subcommand takes the same options with no defaults (SUPPRESS), so that they work after the
+    subcommand too without overwriting a value given before it."""
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--server", default=default(os.environ.get("TOKENWIRE_SERVER", "localhost:50051")),
                         help="host:port of the server, several host:port separated by commas (balanced, "
                              "retried on the next when one is unavailable), or a grpc target such as "
                              "dns:///name:port (env TOKENWIRE_SERVER; default localhost:50051)")
-    parser.add_argument("--timeout", type=float, help="seconds before the call is abandoned")
-    parser.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (turns TLS on)")
-    parser.add_argument("--tls-cert", help="PEM client certificate chain, for servers that require mutual TLS")
-    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    parser.add_argument("--api-key", default=os.environ.get("TOKENWIRE_API_KEY"),
+    parser.add_argument("--timeout", type=float, default=default(None), help="seconds before the call is abandoned")
+    parser.add_argument("--tls-ca", default=default(None),
+                        help="PEM file of the CA that signed the server's certificate (turns TLS on)")
+    parser.add_argument("--tls-cert", default=default(None),
+                        help="PEM client certificate chain, for servers that require mutual TLS")
+    parser.add_argument("--tls-key", default=default(None), help="PEM private key of --tls-cert")
+    parser.add_argument("--api-key", default=default(os.environ.get("TOKENWIRE_API_KEY")),
                         help="sent as 'authorization: Bearer <key>' (env TOKENWIRE_API_KEY)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--json", action="store_true", default=default(False), help="print the result as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenwire", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_global_options(parser)
+    after = argparse.ArgumentParser(add_help=False)  # the same options, after the subcommand
+    _add_global_options(after, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("generate", help="stream a generation to the terminal")
+    p = sub.add_parser("generate", parents=[after], help="stream a generation to the terminal")
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     p.add_argument("--system", help="a system message, with --chat")
@@ -134,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="a stop sequence (repeatable)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("tokenize", help="token ids (and with --tokens, token texts and offsets)")
+    p = sub.add_parser("tokenize", parents=[after], help="token ids (and with --tokens, token texts and offsets)")
     p.add_argument("texts", nargs="+")
     p.add_argument("--encoding", help="count with a named encoding (cl100k_base) instead of the model's")
     p.add_argument("--tokens", action="store_true")
@@ -142,15 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-special", action="store_true")
     p.set_defaults(func=cmd_tokenize)
 
-    p = sub.add_parser("score", help="log-probabilities of texts, or of continuations given --context")
+    p = sub.add_parser("score", parents=[after], help="log-probabilities of texts, or of continuations given --context")
     p.add_argument("texts", nargs="+")
     p.add_argument("--context")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("info", help="the model served and the server's limits")
+    p = sub.add_parser("info", parents=[after], help="the model served and the server's limits")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("bench", help="load-test the server: latency percentiles and throughput")
+    p = sub.add_parser("bench", parents=[after], help="load-test the server: latency percentiles and throughput")
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight (closed loop)")
     p.add_argument("--rate", type=float, help="requests per second, Poisson arrivals (open loop)")
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -162,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("health", help="SERVING or NOT_SERVING (exit code 0 only when serving)")
+    p = sub.add_parser("health", parents=[after], help="SERVING or NOT_SERVING (exit code 0 only when serving)")
     p.add_argument("--service", default="")
     p.set_defaults(func=cmd_health)
     return parser

@@ -44,7 +44,10 @@ def _tokenize_request(texts, add_special_tokens, allow_special, truncate_input_t
 
 
 class GenerateStream:
-    """Iterates a generation's Deltas as they arrive; `input` and `final` fill in on the way."""
+    """A generation's events as they arrive, as AsyncClient.generate_stream yields them:
+    InputInfo, then Deltas, then Final (one per sample). `input` and `final` fill in on the way;
+    deltas() gives only the Deltas. Stopping early (break, close(), garbage collection, leaving
+    a `with` block) cancels the call, which stops the server's work."""
 
     def __init__(self, call):
         self._call = call
@@ -52,22 +55,37 @@ class GenerateStream:
         self.final: Final | None = None
         self._collector = convert.Collector()
 
-    def __iter__(self) -> Iterator[Delta]:
+    def __iter__(self) -> Iterator[InputInfo | Delta | Final]:
         try:
             for msg in self._call:
                 item = convert.event(msg)
                 self._collector.add(item)
-                if isinstance(item, Delta):
-                    yield item
-                elif isinstance(item, InputInfo):
+                if isinstance(item, InputInfo):
                     self.input = item
-                else:
+                elif isinstance(item, Final):
                     self.final = item
+                yield item
         except grpc.RpcError as e:
             raise TokenwireError.from_rpc_error(e) from None
+        finally:
+            self._call.cancel()  # no-op when the stream is complete; stops the server's work otherwise
+
+    def deltas(self) -> Iterator[Delta]:
+        """Only the Deltas (what iterating the stream gave before it gave every event)."""
+        for item in self:
+            if isinstance(item, Delta):
+                yield item
 
     def cancel(self) -> None:
         self._call.cancel()
+
+    close = cancel
+
+    def __enter__(self) -> GenerateStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
 
     def result(self) -> Generation:
         """The whole generation (consumes what is left of the stream)."""

@@ -11,6 +11,7 @@ class Limits:
     default_max_new_tokens: int = 256
     max_stop_sequences: int = 16
     max_stop_sequence_chars: int = 256
+    max_stop_token_ids: int = 64
     max_top_n: int = 20
     max_logit_bias: int = 300  # entries per request
     max_batch_items: int = 256  # texts per Tokenize, items per Score

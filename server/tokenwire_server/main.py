@@ -39,20 +39,16 @@ def cmd_generate(args) -> None:
     engine = load_engine(args)
     tok = engine.tokenizer
     if args.chat:
-        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]),
-                            allow_special=True)
+        prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         prompt = tok.encode(args.prompt)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             min_p=args.min_p, seed=args.seed, max_new_tokens=args.max_new_tokens)
-    detok = tok.detokenizer()
-    for step in engine.generate(prompt, params):
-        if step.token_id not in tok.special_ids:
-            sys.stdout.write(detok.push(step.token_id))
-            sys.stdout.flush()
-        reason = step.finish_reason
-    sys.stdout.write(detok.flush() + "\n")
-    print(f"[finish: {reason.value}, seed: {params.seed}]", file=sys.stderr)
+    for out in engine.generate(prompt, params):
+        sys.stdout.write(out.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[finish: {out.finish_reason.value}, seed: {out.seed}]", file=sys.stderr)
 
 
 def cmd_serve(args) -> None:

@@ -1,13 +1,12 @@
 """Prometheus metrics: every definition and every recording, in one place.
 
 One `Metrics` per server, on a registry of its own (several servers in one process never
-clash). The engine thread reports to it through `on_add`, `on_step`, `on_token` and
-`on_finish` (the engine imports nothing from here); the RPC layer through `on_rpc`.
-prometheus-client is thread-safe, so both threads record directly."""
+clash). The engine reports to it as its observer (`on_request`, `on_step`, `on_token`,
+`on_finish`, `on_score`, with plain values: the engine imports nothing from here); the RPC
+layer through `on_rpc`. prometheus-client is thread-safe, so both threads record directly.
+`stats` reads the same counters back: tests and operators see one source."""
 
 from __future__ import annotations
-
-import weakref
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
@@ -49,17 +48,18 @@ class Metrics:
         self.finished = Counter("tokenwire_requests_finished", "Generated sequences finished, by reason",
                                 ["finish_reason"], registry=r)
         self.preemptions = Counter("tokenwire_preemptions", "Sequences preempted to free KV cache", registry=r)
+        self.scored_items = Counter("tokenwire_scored_items", "Score items completed", registry=r)
         self.rpcs = Counter("tokenwire_requests", "RPCs by method and final gRPC status code", ["method", "code"],
                             registry=r)
         self.model = Info("tokenwire_model", "The model being served", registry=r)
-        self._last_token: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine thread only
+        self._last_token: dict = {}  # (request id, sample) -> when its last token came; engine thread only
+        self.stats = Stats(self)
         self._http = self._http_thread = None  # the /metrics server, when serving
 
-    # ---- the engine thread ----
+    # ---- the engine (its observer) ----
 
-    def on_add(self, seq) -> None:
-        if seq.parent is None:  # later samples share the first one's prompt
-            self.prompt_tokens.inc(len(seq.prompt_ids))
+    def on_request(self, prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)  # n samples share one prompt: counted once
 
     def on_step(self, batch_size: int, kv_usage: float, waiting: int, running: int, preempted: int = 0) -> None:
         self.batch_size.set(batch_size)
@@ -69,30 +69,31 @@ class Metrics:
         if preempted:
             self.preemptions.inc(preempted)
 
-    def on_token(self, seq, now: float) -> None:
+    def on_token(self, key, now: float, ttft: float | None = None, queue: float | None = None) -> None:
+        """key: (request id, sample); ttft and queue come with a sample's first token."""
         self.generation_tokens.inc()
-        last = self._last_token.get(seq)
-        if last is None:
-            if seq.first_token is not None:
-                self.ttft.observe(seq.first_token - seq.arrival)
-            if seq.started is not None:
-                self.queue.observe(seq.started - seq.arrival)
-        else:
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        if queue is not None:
+            self.queue.observe(queue)
+        last = self._last_token.get(key)
+        if last is not None:
             self.itl.observe(now - last)
-        self._last_token[seq] = now
+        self._last_token[key] = now
 
-    def on_finish(self, seq) -> None:
-        self._last_token.pop(seq, None)
-        self.cached_tokens.inc(seq.cached_tokens)
-        if seq.score_from is not None:  # a score item: only its queue time
-            if seq.started is not None:
-                self.queue.observe(seq.started - seq.arrival)
-            return
-        if seq.finish_reason is None:
-            return
-        self.finished.labels(finish_reason=seq.finish_reason.value).inc()
-        if seq.finish_reason.value != "cancelled" and seq.finished is not None:
-            self.e2e.observe(seq.finished - seq.arrival)
+    def on_finish(self, key, reason, e2e: float | None, cached_tokens: int) -> None:
+        """A generated sample left the engine; reason None: it failed."""
+        self._last_token.pop(key, None)
+        self.cached_tokens.inc(cached_tokens)
+        if reason is not None:
+            self.finished.labels(finish_reason=reason.value).inc()
+        if e2e is not None:
+            self.e2e.observe(e2e)
+
+    def on_score(self, queue: float, cached_tokens: int) -> None:
+        self.scored_items.inc()
+        self.queue.observe(queue)
+        self.cached_tokens.inc(cached_tokens)
 
     # ---- the RPC layer ----
 
@@ -118,3 +119,34 @@ class Metrics:
             self._http.server_close()
             self._http_thread.join(5)
             self._http = self._http_thread = None
+
+
+class Stats:
+    """The counters read back from the registry (what /metrics shows), by name."""
+
+    def __init__(self, metrics: Metrics):
+        self._registry = metrics.registry
+
+    def _value(self, name: str, **labels) -> float:
+        return self._registry.get_sample_value(name, labels) or 0.0
+
+    waiting = property(lambda self: int(self._value("tokenwire_requests_waiting")))
+    running = property(lambda self: int(self._value("tokenwire_requests_running")))
+    generated_tokens = property(lambda self: int(self._value("tokenwire_generation_tokens_total")))
+    prompt_tokens = property(lambda self: int(self._value("tokenwire_prompt_tokens_total")))
+    cached_tokens = property(lambda self: int(self._value("tokenwire_prefix_cache_hit_tokens_total")))
+    scored_items = property(lambda self: int(self._value("tokenwire_scored_items_total")))
+    preemptions = property(lambda self: int(self._value("tokenwire_preemptions_total")))
+
+    @property
+    def finished(self) -> _Finished:
+        """stats.finished[FinishReason.X]: generated sequences finished for that reason."""
+        return _Finished(self)
+
+
+class _Finished:
+    def __init__(self, stats: Stats):
+        self._stats = stats
+
+    def __getitem__(self, reason) -> int:
+        return int(self._stats._value("tokenwire_requests_finished_total", finish_reason=reason.value))

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
 
+from .api import handlers
 from .api.servicer import SERVICE_NAME, TokenwireServicer
 from .engine import LLMEngine, SamplingParams
 from .engine.llm_engine import EngineConfig
@@ -57,18 +60,22 @@ class TokenwireServer:
             interceptors.append(ApiKeyInterceptor(api_keys, self._denied))
         self.server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
         self.servicer = TokenwireServicer(limits, self.metrics, log_prompts)
-        pb_grpc.add_TokenwireServicer_to_server(self.servicer, self.server)
+        handlers.add_to_server(self.servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server)
         self.port = _bind(self.server, host, port, "--port", credentials)
-        self.health_server: grpc.aio.Server | None = None
+        # The health port is served by a sync server on threads of its own, with its own health
+        # servicer (kept in step by _set_health): it answers even while the event loop is busy.
+        self.health_server: grpc.Server | None = None
+        self.thread_health = health.HealthServicer()
         self.health_port = health_port
         if health_port is not None:
-            self.health_server = grpc.aio.server(options=GRPC_OPTIONS)
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_server = grpc.server(ThreadPoolExecutor(2, thread_name_prefix="tokenwire-health"),
+                                             options=GRPC_OPTIONS)
+            health_pb2_grpc.add_HealthServicer_to_server(self.thread_health, self.health_server)
             self.health_port = _bind(self.health_server, host, health_port, "--health-port")
         self.engine: AsyncEngine | None = None
 
@@ -76,15 +83,17 @@ class TokenwireServer:
         if self.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.metrics_port, self.host)
         await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.server.start()
         if self.health_server is not None:
-            await self.health_server.start()
+            self.health_server.start()
         return self.port
 
     async def attach(self, engine: LLMEngine) -> None:
         """Start serving this engine and report SERVING."""
-        self.engine = AsyncEngine(engine, self.servicer.limits, self.metrics)
+        loop = asyncio.get_running_loop()
+        engine.observer = self.metrics
+        self.engine = AsyncEngine(engine, on_death=lambda _: loop.call_soon_threadsafe(self._engine_died))
         self.metrics.set_model(engine.name, engine.config.architecture,
                                str(engine.runner.dtype).removeprefix("torch."), str(engine.runner.device))
         self.engine.start()
@@ -100,16 +109,30 @@ class TokenwireServer:
     async def stop(self, grace: float | None = 5.0) -> None:
         await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)  # refuses new calls; waits for those in flight up to grace
-        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.health_server is not None:
-            await self.health_server.stop(0)
+            await asyncio.to_thread(self.health_server.stop(0).wait)
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
         await asyncio.to_thread(self.metrics.close)
 
+    def _engine_died(self) -> None:
+        """The engine thread is gone (its calls failed with UNAVAILABLE): report NOT_SERVING on
+        readiness and liveness, so the pod is restarted."""
+        asyncio.ensure_future(self._set_not_serving())
+
+    async def _set_not_serving(self) -> None:
+        await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def _set_readiness(self, status) -> None:
         for name in READINESS_SERVICES:
-            await self.health.set(name, status)
+            await self._set_health(name, status)
+
+    async def _set_health(self, service: str, status) -> None:
+        """The one way to change a health status: both servicers (main port, health port) agree."""
+        self.thread_health.set(service, status)
+        await self.health.set(service, status)
 
     def _denied(self, method: str) -> None:
         service, _, name = method.lstrip("/").partition("/")
@@ -118,7 +141,7 @@ class TokenwireServer:
         log.info("denied %s: missing or unknown API key", method)
 
 
-def _bind(server: grpc.aio.Server, host: str, port: int, flag: str,
+def _bind(server: grpc.aio.Server | grpc.Server, host: str, port: int, flag: str,
           credentials: grpc.ServerCredentials | None = None) -> int:
     address = f"{host}:{port}"
     try:
@@ -140,6 +163,10 @@ async def serve(model_path, *, host: str, port: int, dtype: str, device: str, na
                 limits: Limits, engine_config: EngineConfig, drain_timeout: float = 30.0, **options) -> None:
     """Run until SIGTERM or SIGINT, then drain (a second signal stops at once).
     options: TokenwireServer's (metrics_port, health_port, credentials, api_keys, log_prompts)."""
+    signals = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the ports open: once health answers, SIGTERM drains
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
     server = TokenwireServer(host, port, limits, **options)
     bound = await server.start()
     log.info("listening on %s:%d%s (health NOT_SERVING while the model loads)", host, bound,
@@ -148,20 +175,14 @@ async def serve(model_path, *, host: str, port: int, dtype: str, device: str, na
         log.info("health alone, in plaintext, on %s:%d", host, server.health_port)
     if server.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", host, server.metrics_port)
-    signals = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, signals.put_nowait, sig)
 
-    def load() -> LLMEngine:
-        engine = LLMEngine.from_checkpoint(model_path, dtype=dtype, device=device, name=name, config=engine_config)
-        warm_up(engine)
-        return engine
-
-    loading = asyncio.ensure_future(asyncio.to_thread(load))
+    loading = _load_in_background(loop, model_path, dtype=dtype, device=device, name=name, config=engine_config)
     first_signal = asyncio.ensure_future(signals.get())
     await asyncio.wait([loading, first_signal], return_when=asyncio.FIRST_COMPLETED)
     if loading.done():
+        if loading.exception() is not None:
+            await server.stop(0)  # closed here, while the loop runs (not noisily at exit)
+            raise loading.exception()
         engine = loading.result()
         await server.attach(engine)
         log.info("serving %s (%s, %s on %s) on port %d", engine.name, engine.config.architecture,
@@ -178,4 +199,34 @@ async def serve(model_path, *, host: str, port: int, dtype: str, device: str, na
     forcing = asyncio.ensure_future(force_on_second_signal())
     await server.drain(drain_timeout)
     forcing.cancel()
+    if not loading.done():
+        # A thread cannot be stopped, and the load may take minutes: leave now, without it.
+        log.info("stopped (while the model was loading)")
+        logging.shutdown()
+        os._exit(0)
     log.info("stopped")
+
+
+def _load_in_background(loop: asyncio.AbstractEventLoop, model_path, **options) -> asyncio.Future:
+    """Load and warm up the engine on a daemon thread of our own (asyncio.to_thread's pool would
+    make the process wait for it at exit); the future holds the engine or the load's error."""
+    done = loop.create_future()
+
+    def settle(engine, error) -> None:
+        if not done.done():
+            done.set_exception(error) if error is not None else done.set_result(engine)
+
+    def load() -> None:
+        engine, error = None, None
+        try:
+            engine = LLMEngine.from_checkpoint(model_path, **options)
+            warm_up(engine)
+        except BaseException as e:  # handed to serve(), which raises it
+            error = e
+        try:
+            loop.call_soon_threadsafe(settle, engine, error)
+        except RuntimeError:  # the loop has closed: nobody waits for this engine any more
+            pass
+
+    threading.Thread(target=load, name="tokenwire-load", daemon=True).start()
+    return done

@@ -25,7 +25,7 @@ class RunningServer:
 
     @property
     def stats(self):
-        return self.server.engine.stats
+        return self.server.metrics.stats  # what /metrics shows
 
     @property
     def llm(self):

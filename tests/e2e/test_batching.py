@@ -22,7 +22,7 @@ def test_request_joins_a_running_batch(client):
 
     worker = threading.Thread(target=long_one)
     stream = client.generate_stream("Write a long story about a knight.", max_new_tokens=120, **GREEDY)
-    it = iter(stream)
+    it = stream.deltas()
     next(it)  # the first long request is streaming
     worker.start()
     start = time.monotonic()

@@ -125,7 +125,7 @@ def test_gauges_during_and_after_a_generation(metered, wait_until):
     assert before("tokenwire_kv_cache_usage_ratio") == 0
     with Client(metered.address, timeout=120) as client:
         stream = client.generate_stream("Write a very long story about a lighthouse.", **LONG)
-        it = iter(stream)
+        it = stream.deltas()
         for _ in range(3):
             next(it)
         during = Scrape(metered)

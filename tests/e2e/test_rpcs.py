@@ -73,7 +73,7 @@ def test_detokenize(client, tokenizer):
 def test_generate_stream_shape_and_greedy_output(client, engine, tokenizer):
     prompt = "The three primary colours are"
     stream = client.generate_stream(prompt, temperature=0, max_new_tokens=16, ignore_eos=True, logprobs=True)
-    deltas = list(stream)
+    deltas = list(stream.deltas())
     assert stream.input.prompt_token_count == len(tokenizer.encode(prompt))
     assert len(deltas) == 16 and all(len(d.tokens) == 1 for d in deltas)
     assert stream.final.finish_reason == "length" and stream.final.usage.completion_tokens == 16

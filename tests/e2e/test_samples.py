@@ -6,7 +6,6 @@ import pytest
 from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
 from tokenwire_server.engine import SamplingParams
-from tokenwire_server.engine.sequence import Status, samples
 
 PROMPT = ("The three most important inventions of the last century were, in no particular order and with "
           "a short reason for each one, written for a curious twelve-year-old reader, the following:")
@@ -16,28 +15,28 @@ def sampled(**kw):
     return SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=12, ignore_eos=True, **kw)
 
 
-def run(engine, seqs):
-    for s in seqs:
-        engine.add(s)
-    while any(s.status is not Status.FINISHED for s in seqs):
-        engine.step()
-    return [s.output_ids for s in seqs]
+def run(engine, ids, params, n=1):
+    """Each sample's tokens, and its last output (with seed and usage), by index."""
+    tokens, finals = {i: [] for i in range(n)}, {}
+    for out in engine.generate(ids, params, n=n):
+        tokens[out.index].append(out.token_id)
+        if out.finished:
+            finals[out.index] = out
+    return [tokens[i] for i in range(n)], [finals[i] for i in range(n)]
 
 
 def test_samples_share_the_prompt_without_prefix_caching(make_engine, tokenizer):
     engine = make_engine(kv_cache_tokens=2048, prefix_caching=False)
     ids = tokenizer.encode(PROMPT)
     assert len(ids) > 2 * 16
-    seqs = samples(ids, sampled(seed=7), n=3)
-    outs = run(engine, seqs)
+    outs, finals = run(engine, ids, sampled(seed=7), n=3)
     shared = (len(ids) - 1) // 16 * 16  # whole blocks before the last prompt token
-    assert [s.cached_tokens for s in seqs] == [0, shared, shared]
-    assert [s.params.seed for s in seqs] == [7, 8, 9]
+    assert [f.usage.cached_tokens for f in finals] == [0, shared, shared]
+    assert [f.seed for f in finals] == [7, 8, 9]
     assert engine.blocks.num_used == 0  # shared blocks were all given back
     # Each sample equals a request of its own with seed + i.
     for i, out in enumerate(outs):
-        alone = samples(ids, sampled(seed=7 + i))
-        assert run(engine, alone)[0] == out
+        assert run(engine, ids, sampled(seed=7 + i))[0][0] == out
     assert len({tuple(o) for o in outs}) > 1
 
 
@@ -87,10 +86,9 @@ def test_client_collects_every_sample(client):
 
 def test_sample_seeds_wrap_within_the_valid_range(make_engine, tokenizer):
     engine = make_engine(kv_cache_tokens=1024)
-    seqs = samples(tokenizer.encode("Hi"), sampled(seed=2**63 - 1), n=2)
-    assert [s.params.seed for s in seqs] == [2**63 - 1, 0]
-    run(engine, seqs)  # both are accepted and generate
-    assert all(len(s.output_ids) == 12 for s in seqs)
+    outs, finals = run(engine, tokenizer.encode("Hi"), sampled(seed=2**63 - 1), n=2)
+    assert [f.seed for f in finals] == [2**63 - 1, 0]  # both are accepted and generate
+    assert all(len(o) == 12 for o in outs)
 
 
 def test_tokens_between_matches_slicing_the_whole_sequence():

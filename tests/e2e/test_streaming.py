@@ -27,7 +27,7 @@ def test_stop_sequence_spanning_tokens(client, include):
     assert full.text.find(stop) == at
     stream = client.generate_stream(PROMPT, temperature=0, max_new_tokens=40, ignore_eos=True, stop=[stop, "zzzz"],
                                     include_stop_sequence=include)
-    deltas = [d.text for d in stream]
+    deltas = [d.text for d in stream.deltas()]
     text = "".join(deltas)
     assert text == (full.text[: at + len(stop)] if include else full.text[:at])
     assert stream.final.finish_reason == "stop_sequence" and stream.final.stop_sequence == stop
@@ -56,7 +56,7 @@ def test_earliest_stop_sequence_wins(client):
 @pytest.mark.parametrize("prompt", ["Emoji for happy: 😀, sad: 😢, love:", "日本の首都は"])
 def test_utf8_split_across_tokens_streams_whole_characters(client, tokenizer, prompt):
     stream = client.generate_stream(prompt, temperature=0, max_new_tokens=24, ignore_eos=True)
-    deltas = list(stream)
+    deltas = list(stream.deltas())
     ids = [d.tokens[0].id for d in deltas]
     partial = [i for i in ids if not _whole(tokenizer.token_bytes(i))]
     assert partial, "the test needs a token holding part of a character"

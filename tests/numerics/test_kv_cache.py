@@ -1,11 +1,12 @@
 """The paged KV cache gives the logits of recomputing the whole sequence: alone, chunked,
 batched with other sequences at other positions, and after prefix-cache hits."""
 
+import math
+
 import pytest
 import torch
 
-from tokenwire_server.engine import SamplingParams
-from tokenwire_server.engine.sequence import Sequence
+from tokenwire_server.engine import EngineRequest, SamplingParams
 
 ATOL = 1e-4
 
@@ -40,17 +41,17 @@ def test_batched_sequences_at_different_positions(make_engine, tokenizer):
     eng = make_engine(kv_cache_tokens=2048, block_size=8, max_batched_tokens=64)
     prompts = ["Hello", "A much longer prompt that has quite a few more tokens in it than the others",
                "Numbers: 1, 2, 3,"]
-    seqs = [Sequence(tokenizer.encode(p), SamplingParams(temperature=0, max_new_tokens=6 + 3 * i, ignore_eos=True,
-                                                         top_n=5)) for i, p in enumerate(prompts)]
-    for s in seqs:
-        eng.add(s)
-    events = {s: [] for s in seqs}
+    requests = [EngineRequest(str(i), tuple(tokenizer.encode(p)), SamplingParams(
+        temperature=0, max_new_tokens=6 + 3 * i, ignore_eos=True, top_n=5)) for i, p in enumerate(prompts)]
+    for r in requests:
+        eng.add_request(r)
+    outputs = {r.request_id: [] for r in requests}
     while eng.has_work():
-        for s, event in eng.step():
-            events[s].append(event)
-    for s in seqs:
-        assert len(events[s]) == s.params.max_new_tokens
-        check_against_recompute(eng, s.prompt_ids, events[s])
+        for out in eng.step():
+            outputs[out.request_id].append(out)
+    for r in requests:
+        assert len(outputs[r.request_id]) == r.params.max_new_tokens
+        check_against_recompute(eng, r.prompt_ids, outputs[r.request_id])
 
 
 def test_prefix_cache_hit_gives_same_output(make_engine, tokenizer):
@@ -58,20 +59,38 @@ def test_prefix_cache_hit_gives_same_output(make_engine, tokenizer):
     system = "You are a careful assistant. Answer in one short sentence. " * 3
     prompt = tokenizer.encode(system + "What is the capital of Italy?")
     params = dict(temperature=0, max_new_tokens=10, ignore_eos=True, top_n=5)
-    first = Sequence(prompt, SamplingParams(**params))
-    eng.add(first)
-    out1 = [e for _ in iter(eng.has_work, False) for s, e in eng.step()]
-    second = Sequence(prompt, SamplingParams(**params))
-    eng.add(second)
-    out2 = [e for _ in iter(eng.has_work, False) for s, e in eng.step()]
-    assert first.cached_tokens == 0
-    assert second.cached_tokens == (len(prompt) - 1) // 8 * 8 > 0
+    out1 = list(eng.generate(prompt, SamplingParams(**params)))
+    out2 = list(eng.generate(prompt, SamplingParams(**params)))
+    assert out1[-1].usage.cached_tokens == 0
+    assert out2[-1].usage.cached_tokens == (len(prompt) - 1) // 8 * 8 > 0
     assert [e.token_id for e in out2] == [e.token_id for e in out1]
     check_against_recompute(eng, prompt, out2)
 
 
-def test_fresh_cache_holds_no_nan(make_engine):
-    """Decode attention multiplies masked (zero) probabilities with padded slots' values, so
-    unused memory must be finite: uninitialised memory once produced NaN logits."""
-    eng = make_engine(kv_cache_tokens=512, block_size=16)
-    assert all(bool(torch.isfinite(t).all()) for t in eng.runner.cache.k + eng.runner.cache.v)
+@pytest.mark.xfail(strict=True, reason="decode rows read padded slots nobody wrote (masked probability 0 x NaN = NaN): "
+                                       "model_runner.py should point padded positions at a row's own written slots")
+def test_padded_decode_ignores_garbage_in_unused_slots(make_engine, tokenizer):
+    """Decode rows of different lengths read as many slots as the longest: the padded ones are
+    the unwritten tail of a row's last block and block 0 standing in for missing blocks. They
+    hold whatever the memory held (torch.empty, an evicted prefix), so fill every slot of every
+    layer with NaN first: outputs must stay finite and equal a whole-sequence recompute."""
+    eng = make_engine(kv_cache_tokens=512, block_size=16, max_batched_tokens=256)
+    for t in eng.runner.cache.k + eng.runner.cache.v:
+        t.fill_(float("nan"))
+    prompts = ["Hi", "Numbers: 1, 2, 3,",
+               "A longer prompt that spans several blocks of sixteen tokens, so that the others are padded to it."]
+    requests = [EngineRequest(f"pad{i}", tuple(tokenizer.encode(p)), SamplingParams(
+        temperature=0, max_new_tokens=4, ignore_eos=True, top_n=5)) for i, p in enumerate(prompts)]
+    assert len({len(r.prompt_ids) for r in requests}) == 3
+    for r in requests:
+        eng.add_request(r)
+    outputs = {r.request_id: [] for r in requests}
+    while eng.has_work():
+        step = eng.step()
+        assert len(step) == len(requests)  # all prefilled in one step, then decoded together
+        for out in step:
+            outputs[out.request_id].append(out)
+    for r in requests:
+        outs = outputs[r.request_id]
+        assert all(math.isfinite(o.logprob) and all(math.isfinite(lp) for _, lp in o.token.top) for o in outs)
+        check_against_recompute(eng, r.prompt_ids, outs)

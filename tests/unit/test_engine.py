@@ -7,8 +7,9 @@ from tokenwire_server.errors import InvalidArgument
 
 
 def run(engine, prompt, **kw):
-    params = SamplingParams(**kw)
-    return [t.token_id for t in engine.generate(prompt, params)], params
+    """The tokens, and the seed the engine reports (it draws one when none is given)."""
+    outputs = list(engine.generate(prompt, SamplingParams(**kw)))
+    return [t.token_id for t in outputs], outputs[-1].seed
 
 
 def test_same_seed_same_tokens_and_reported_seed_replays(engine, tokenizer):
@@ -17,9 +18,8 @@ def test_same_seed_same_tokens_and_reported_seed_replays(engine, tokenizer):
     b, _ = run(engine, prompt, temperature=1.0, seed=1234, max_new_tokens=20, ignore_eos=True)
     c, _ = run(engine, prompt, temperature=1.0, seed=4321, max_new_tokens=20, ignore_eos=True)
     assert a == b and a != c
-    d, params = run(engine, prompt, temperature=1.0, max_new_tokens=20, ignore_eos=True)
-    assert params.seed is not None
-    e, _ = run(engine, prompt, temperature=1.0, seed=params.seed, max_new_tokens=20, ignore_eos=True)
+    d, seed = run(engine, prompt, temperature=1.0, max_new_tokens=20, ignore_eos=True)
+    e, _ = run(engine, prompt, temperature=1.0, seed=seed, max_new_tokens=20, ignore_eos=True)
     assert d == e
 
 
@@ -101,3 +101,20 @@ def test_small_steps_run_on_one_thread(make_engine, tokenizer):
         torch.set_num_threads(original)
     assert seen[0] == (len(prompt), 2)  # the prompt: more than 8 rows, every thread
     assert [threads for _, threads in seen[1:]] == [1, 1]  # decodes: one thread
+
+
+def test_library_generate_applies_stop_sequences_and_time_limits(engine, tokenizer):
+    """The synchronous path shares the server's output processor: text, stop strings, time limits."""
+    prompt = tokenizer.encode("The days of the week are Monday,")
+    plain = list(engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)))
+    text = "".join(o.text for o in plain)
+    assert text == tokenizer.decode([o.token_id for o in plain])
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    stopped = list(engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True,
+                                                          stop_sequences=[stop])))
+    assert stopped[-1].finish_reason is FinishReason.STOP_SEQUENCE and stopped[-1].stop_sequence == stop
+    assert "".join(o.text for o in stopped) == text[:text.index(stop)]
+    timed = list(engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=4000, ignore_eos=True,
+                                                        time_limit=0.2)))
+    assert timed[-1].finish_reason is FinishReason.TIME_LIMIT and len(timed) < 4000
+    assert timed[-1].usage.completion_tokens == len(timed)

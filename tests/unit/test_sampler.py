@@ -5,7 +5,8 @@ import torch
 
 from tokenwire_server.engine import FinishReason, SamplingParams
 from tokenwire_server.engine.sampler import Sampler
-from tokenwire_server.engine.stopping import StoppingCriteria
+from tokenwire_server.engine.output_processor import SampleState
+from tokenwire_server.engine.sequence import Sequence
 from tokenwire_server.errors import InvalidArgument
 from tokenwire_server.limits import Limits
 
@@ -81,15 +82,31 @@ def test_server_limit_on_max_new_tokens():
         SamplingParams(max_new_tokens=5000).validate(Limits(max_new_tokens=4096))
 
 
+class _Tokens:
+    """A tokenizer stand-in: token 2 ends the text, every other token is one letter."""
+
+    eos_ids = (2,)
+    special_ids = frozenset({2})
+
+    def detokenizer(self):
+        from tokenwire_server.tokenizer import IncrementalDetokenizer
+
+        return IncrementalDetokenizer(lambda i: b"x")
+
+
+def rules(params: SamplingParams, prompt_len: int = 10, context_len: int = 100) -> SampleState:
+    return SampleState(Sequence([1] * prompt_len, params), _Tokens(), context_len)
+
+
 def test_stopping_rules():
-    stop = StoppingCriteria(SamplingParams(max_new_tokens=5, stop_token_ids=[42]), (2,), prompt_len=10,
-                            context_len=100)
-    assert stop(7, 1) is None
-    assert stop(2, 1) is FinishReason.EOS
-    assert stop(42, 1) is FinishReason.STOP_TOKEN
-    assert stop(7, 5) is FinishReason.LENGTH
-    assert StoppingCriteria(SamplingParams(ignore_eos=True), (2,), 10, 100)(2, 1) is None
-    assert StoppingCriteria(SamplingParams(max_new_tokens=50), (2,), 95, 100)(7, 5) is FinishReason.CONTEXT_LIMIT
+    stop = rules(SamplingParams(max_new_tokens=5, stop_token_ids=[42]))
+    assert stop.finish_reason(7, 1, 0.0) is None
+    assert stop.finish_reason(2, 1, 0.0) is FinishReason.EOS
+    assert stop.finish_reason(42, 1, 0.0) is FinishReason.STOP_TOKEN
+    assert stop.finish_reason(7, 5, 0.0) is FinishReason.LENGTH
+    assert rules(SamplingParams(ignore_eos=True)).finish_reason(2, 1, 0.0) is None
+    assert rules(SamplingParams(max_new_tokens=50), 95).finish_reason(7, 5, 0.0) is FinishReason.CONTEXT_LIMIT
+    assert rules(SamplingParams(time_limit=0.5)).finish_reason(7, 1, 0.6) is FinishReason.TIME_LIMIT
 
 
 def test_stop_token_ids_must_be_in_the_vocabulary():

@@ -346,7 +346,7 @@ class ModelInfoResponse(_message.Message):
     def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., end_token_ids: _Optional[_Iterable[int]] = ..., has_chat_template: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_chars", "max_top_n", "max_batch_items", "max_input_chars", "max_samples")
+    __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_chars", "max_top_n", "max_batch_items", "max_input_chars", "max_samples", "max_stop_token_ids")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -355,6 +355,7 @@ class ServerLimits(_message.Message):
     MAX_BATCH_ITEMS_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     default_max_new_tokens: int
     max_stop_sequences: int
@@ -363,4 +364,5 @@ class ServerLimits(_message.Message):
     max_batch_items: int
     max_input_chars: int
     max_samples: int
-    def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_top_n: _Optional[int] = ..., max_batch_items: _Optional[int] = ..., max_input_chars: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
+    max_stop_token_ids: int
+    def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_top_n: _Optional[int] = ..., max_batch_items: _Optional[int] = ..., max_input_chars: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ...) -> None: ...

@@ -1,7 +1,7 @@
 """Per-RPC bookkeeping: the request id, the final status, and the one log line per request.
 
 `rpc_errors` (api/errors.py) opens an `RpcCall` around every RPC and closes it with the
-status code; the RPC body adds what it knows (`note(seqs=...)`). Closing counts the RPC in
+status code; the RPC body adds what it knows (`note(generation=...)`). Closing counts the RPC in
 the server's metrics and writes one INFO line on the `tokenwire.requests` logger."""
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ class RpcCall:
     request_id: str
     peer: str
     start: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # monotonic: the client's deadline, if it set one
     code: str | None = None  # the final gRPC status code name, once known
     prompt_tokens: int | None = None  # input tokens (Tokenize: tokens produced; Detokenize: ids given)
-    seqs: list | None = None  # Generate: its sequences, read when the call ends
+    generation: GenerationLog | None = None  # Generate: filled from the engine's outputs
     prompt: str | list[str] | None = None  # only set when prompts are logged
     ended: bool = False
 
@@ -42,19 +43,8 @@ class RpcCall:
         now = time.monotonic() if now is None else now
         out = {"request_id": self.request_id, "method": self.method, "status": self.code, "model": model,
                "prompt_tokens": self.prompt_tokens}
-        if self.seqs:
-            first, seqs = self.seqs[0], self.seqs
-            out["prompt_tokens"] = len(first.prompt_ids)  # n samples share one prompt
-            out["generated_tokens"] = sum(len(s.output_ids) for s in seqs)
-            out["cached_tokens"] = sum(s.cached_tokens for s in seqs)
-            if first.started is not None:
-                out["queue_seconds"] = round(first.started - first.arrival, 4)
-            firsts = [s.first_token for s in seqs if s.first_token is not None]
-            if firsts:
-                out["first_token_seconds"] = round(min(firsts) - first.arrival, 4)
-            reasons = [s.finish_reason.value for s in seqs if s.finish_reason is not None]
-            if reasons:
-                out["finish_reason"] = ",".join(reasons)
+        if self.generation is not None:
+            out.update(self.generation.fields())
         out["total_seconds"] = round(now - self.start, 4)
         out["peer"] = self.peer
         if self.prompt is not None:
@@ -62,11 +52,45 @@ class RpcCall:
         return {k: v for k, v in out.items() if v is not None}
 
 
+@dataclass
+class GenerationLog:
+    """What a Generate's log line says, gathered from the outputs the call received."""
+
+    prompt_tokens: int
+    generated_tokens: int = 0
+    cached_tokens: int = 0
+    queue_seconds: float | None = None  # sample 0's
+    first_token_seconds: float | None = None  # the earliest sample's
+    finish_reasons: list[str] = field(default_factory=list)
+
+    def add(self, out) -> None:
+        """out: an engine RequestOutput."""
+        self.generated_tokens += 1
+        u = out.usage
+        if u is None:
+            return
+        self.finish_reasons.append(out.finish_reason.value)
+        self.cached_tokens += u.cached_tokens
+        if out.index == 0:
+            self.queue_seconds = round(u.queue_seconds, 4)
+        if self.first_token_seconds is None or u.first_token_seconds < self.first_token_seconds:
+            self.first_token_seconds = round(u.first_token_seconds, 4)
+
+    def fields(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
+                "cached_tokens": self.cached_tokens, "queue_seconds": self.queue_seconds,
+                "first_token_seconds": self.first_token_seconds,
+                "finish_reason": ",".join(self.finish_reasons) or None}
+
+
 def begin(method: str, context: grpc.aio.ServicerContext) -> RpcCall:
     """Open the call: take the client's request id (or make one) and make it current."""
     sent = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID), None)
     request_id = sent if isinstance(sent, str) and _VALID_ID.fullmatch(sent) else uuid.uuid4().hex
     call = RpcCall(method, request_id, context.peer() or "")
+    remaining = context.time_remaining()  # read now: once the call is torn down it means nothing
+    if remaining is not None:
+        call.deadline = call.start + remaining
     _current.set(call)  # each RPC runs in a task (and so a context) of its own
     context.set_trailing_metadata(call.metadata)  # failures carry it too
     return call
@@ -80,19 +104,23 @@ def note(**fields) -> None:
             setattr(call, name, value)
 
 
-def cancelled_code(context: grpc.aio.ServicerContext) -> str:
+# gRPC may cancel an expired call a moment before our clock reaches the deadline we computed.
+_DEADLINE_SLACK = 0.01
+
+
+def cancelled_code(call: RpcCall) -> str:
     """The status of an RPC that ended without one of ours: the client went away or its deadline passed."""
-    remaining = context.time_remaining()
-    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    expired = call.deadline is not None and time.monotonic() >= call.deadline - _DEADLINE_SLACK
+    return "DEADLINE_EXCEEDED" if expired else "CANCELLED"
 
 
-def end(call: RpcCall, servicer, context: grpc.aio.ServicerContext) -> None:
+def end(call: RpcCall, servicer) -> None:
     """Close the call (once): count it and write its log line."""
     if call.ended:
         return
     call.ended = True
     if call.code is None:
-        call.code = cancelled_code(context)
+        call.code = cancelled_code(call)
     metrics = getattr(servicer, "metrics", None)
     if metrics is not None:
         metrics.on_rpc(call.method, call.code)

@@ -4,12 +4,13 @@ and errors name fields by their path in the request."""
 from __future__ import annotations
 
 import math
+import uuid
 
 from tokenwire.v1 import tokenwire_pb2 as pb
 
-from ..engine import FinishReason, LLMEngine, SamplingParams, ScoreOutput
-from ..engine.outputs import TokenLogprob
-from ..engine.sequence import Sequence, samples
+from ..engine import (EngineRequest, FinishReason, LLMEngine, RequestOutput, SamplingParams, ScoreOutput,
+                      ScoreRequest, TokenLogprob)
+from ..engine.sampling_params import SEEDS
 from ..errors import InvalidArgument
 from ..limits import Limits
 from ..tokenizer import Tokenizer
@@ -119,10 +120,9 @@ def prompt(req: pb.GenerateRequest, engine: LLMEngine, limits: Limits) -> tuple[
             if len(m["content"]) > limits.max_input_chars:
                 raise InvalidArgument(f"chat.messages[{i}].content", f"more than {limits.max_input_chars} characters")
         try:
-            text = tok.apply_chat_template(messages)
+            ids, field = tok.encode_chat(messages), "chat"  # content never becomes control tokens
         except InvalidArgument as e:
             raise _renamed(e, prefix="chat.") from None
-        ids, field = tok.encode(text, allow_special=True), "chat"
     else:
         raise InvalidArgument("input", "one of text, token_ids or chat is required")
     truncated = False
@@ -136,13 +136,15 @@ def prompt(req: pb.GenerateRequest, engine: LLMEngine, limits: Limits) -> tuple[
     return ids, truncated, field
 
 
-def sequences(req: pb.GenerateRequest, engine: LLMEngine, limits: Limits) -> list[Sequence]:
-    """The request's n samples (one unless it asks for more)."""
+def generate_request(req: pb.GenerateRequest, engine: LLMEngine, limits: Limits, request_id: str = "",
+                     deadline: float | None = None) -> tuple[EngineRequest, bool]:
+    """The engine's request (n samples, one unless it asks for more), and whether the prompt
+    was truncated. Every field is validated here, once."""
     if req.n > limits.max_samples:
         raise InvalidArgument("n", f"must be in [1, {limits.max_samples}] (0 means 1), got {req.n}")
     params = sampling_params(req, limits, engine.config.vocab_size)
     ids, truncated, _ = prompt(req, engine, limits)
-    return samples(ids, params, max(req.n, 1), truncated)
+    return EngineRequest(request_id or uuid.uuid4().hex, tuple(ids), params, max(req.n, 1), deadline), truncated
 
 
 def token_info(t: TokenLogprob, tok: Tokenizer, logprob: bool = True, rank: bool = False) -> pb.TokenInfo:
@@ -159,31 +161,29 @@ def token_text(tok: Tokenizer, token_id: int) -> str:
     return tok.token_bytes(token_id).decode("utf-8", errors="replace")
 
 
-def input_info(seq: Sequence, tok: Tokenizer) -> pb.GenerateResponse:
-    info = pb.InputInfo(prompt_token_count=len(seq.prompt_ids), seed=seq.params.seed or 0,
-                        truncated=seq.truncated)
-    if seq.prompt_logprobs is not None:
-        p = seq.params
-        info.prompt_tokens.append(pb.TokenInfo(id=seq.prompt_ids[0], text=token_text(tok, seq.prompt_ids[0])))
-        info.prompt_tokens.extend(token_info(t, tok, True, p.ranks) for t in seq.prompt_logprobs)
+def input_info(request: EngineRequest, first: RequestOutput, truncated: bool, tok: Tokenizer) -> pb.GenerateResponse:
+    """Sent before the first delta: by then the prompt is computed (and its logprobs, when asked)."""
+    seed = (first.seed - first.index) % SEEDS  # sample i uses seed + i
+    info = pb.InputInfo(prompt_token_count=len(request.prompt_ids), seed=seed, truncated=truncated)
+    if first.prompt_logprobs is not None:
+        ids = request.prompt_ids
+        info.prompt_tokens.append(pb.TokenInfo(id=ids[0], text=token_text(tok, ids[0])))
+        info.prompt_tokens.extend(token_info(t, tok, True, request.params.ranks) for t in first.prompt_logprobs)
     return pb.GenerateResponse(input=info)
 
 
-def delta(event, seq: Sequence, tok: Tokenizer, index: int = 0) -> pb.GenerateResponse:
-    p = seq.params
-    return pb.GenerateResponse(delta=pb.Delta(text=event.text, tokens=[token_info(event.token, tok, p.logprobs,
-                                                                                  p.ranks)], index=index))
+def delta(out: RequestOutput, params: SamplingParams, tok: Tokenizer) -> pb.GenerateResponse:
+    return pb.GenerateResponse(delta=pb.Delta(text=out.text, tokens=[token_info(out.token, tok, params.logprobs,
+                                                                                params.ranks)], index=out.index))
 
 
-def final(seq: Sequence, index: int = 0) -> pb.GenerateResponse:
-    t0 = seq.arrival
-    usage = pb.Usage(prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-                     cached_tokens=seq.cached_tokens,
-                     queue_seconds=(seq.started or t0) - t0,
-                     first_token_seconds=(seq.first_token or t0) - t0,
-                     total_seconds=(seq.finished or seq.first_token or t0) - t0)
-    return pb.GenerateResponse(final=pb.Final(finish_reason=FINISH_REASONS[seq.finish_reason],
-                                              stop_sequence=seq.stop_sequence, usage=usage, index=index))
+def final(out: RequestOutput) -> pb.GenerateResponse:
+    u = out.usage
+    usage = pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                     cached_tokens=u.cached_tokens, queue_seconds=u.queue_seconds,
+                     first_token_seconds=u.first_token_seconds, total_seconds=u.total_seconds)
+    return pb.GenerateResponse(final=pb.Final(finish_reason=FINISH_REASONS[out.finish_reason],
+                                              stop_sequence=out.stop_sequence, usage=usage, index=out.index))
 
 
 # ---- Score ----
@@ -213,6 +213,12 @@ def score_items(req: pb.ScoreRequest, engine: LLMEngine, limits: Limits) -> list
         engine.check_prompt(ids, field, generating=False)
         items.append((ids, start, field))
     return items
+
+
+def score_request(items: list[tuple[list[int], int, str]], req: pb.ScoreRequest,
+                  deadline: float | None = None) -> ScoreRequest:
+    return ScoreRequest(uuid.uuid4().hex, tuple((tuple(ids), start) for ids, start, _ in items), req.ranks,
+                        req.top_n, deadline)
 
 
 def score_result(out: ScoreOutput, tok: Tokenizer, ranks: bool) -> pb.ScoreResult:

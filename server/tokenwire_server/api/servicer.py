@@ -13,7 +13,7 @@ from ..engine.async_engine import AsyncEngine
 from ..errors import EngineUnavailable, InvalidArgument
 from ..limits import Limits
 from ..tokenizer import named_encoding
-from . import convert
+from . import calls, convert, offload
 from .calls import note
 from .errors import rpc_errors
 
@@ -23,6 +23,14 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tokenwire"].full_name
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+def _serialized(response_type, result) -> bytes:
+    """A response holding just `result` in its `results`, serialized; such pieces concatenate
+    into the whole response. Big responses are serialized piece by piece, off the event loop
+    (api/handlers.py sends bytes as they are): one SerializeToString of tens of MB holds the GIL,
+    and so stalls every thread (the loop, the engine), for most of a second."""
+    return response_type(results=[result]).SerializeToString()
 
 
 class TokenwireServicer(pb_grpc.TokenwireServicer):
@@ -42,17 +50,23 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
             raise EngineUnavailable("the server is shutting down; retry on another replica")
         if self._engine is None:
             raise EngineUnavailable("the model is not loaded yet")
+        if not self._engine.alive:
+            raise EngineUnavailable("the engine has stopped; retry on another replica")
         return self._engine
 
     @rpc_errors
-    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> bytes:
+        tok = self.engine.engine.tokenizer  # here, so a loading or draining server answers at once
+        return await offload.run(self._tokenize, request, tok)
+
+    def _tokenize(self, request: pb.TokenizeRequest, tok) -> bytes:
+        """The TokenizeResponse, serialized (see _serialized)."""
         convert.check_batch(len(request.texts), "texts", self.limits)
-        tok = self.engine.engine.tokenizer
         encoding = named_encoding(request.encoding) if request.encoding else None
         keep = request.truncate_input_tokens if request.HasField("truncate_input_tokens") else None
         if keep is not None and keep < 1:
             raise InvalidArgument("truncate_input_tokens", "must be >= 1")
-        results = []
+        results, tokens = [], 0
         for i, text in enumerate(request.texts):
             if len(text) > self.limits.max_input_chars:
                 raise InvalidArgument(f"texts[{i}]", f"more than {self.limits.max_input_chars} characters")
@@ -63,14 +77,19 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
             else:
                 prefix, token_bytes = tok.prefix_ids(request.add_special_tokens), tok.token_bytes
                 ids = tok.encode(text, add_special_tokens=False, allow_special=request.allow_special)
-            results.append(convert.tokenize_result(prefix, ids, token_bytes, text, keep, request.return_tokens))
-        note(prompt_tokens=sum(r.original_token_count for r in results),
-             prompt=list(request.texts) if self.log_prompts else None)
-        return pb.TokenizeResponse(results=results)
+            result = convert.tokenize_result(prefix, ids, token_bytes, text, keep, request.return_tokens)
+            tokens += result.original_token_count
+            results.append(_serialized(pb.TokenizeResponse, result))
+        note(prompt_tokens=tokens, prompt=list(request.texts) if self.log_prompts else None)
+        return b"".join(results)
 
     @rpc_errors
     async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
         tok = self.engine.engine.tokenizer
+        return await offload.run(self._detokenize, request, tok)
+
+    @staticmethod
+    def _detokenize(request: pb.DetokenizeRequest, tok) -> pb.DetokenizeResponse:
         note(prompt_tokens=len(request.ids))
         for i, t in enumerate(request.ids):
             if not tok.is_valid_id(t):
@@ -82,27 +101,38 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         engine = self.engine
         tok = engine.engine.tokenizer
-        seqs = convert.sequences(request, engine.engine, self.limits)
-        note(seqs=seqs, prompt=tok.decode(seqs[0].prompt_ids) if self.log_prompts else None)
+        req, truncated = await offload.run(convert.generate_request, request, engine.engine, self.limits,
+                                           deadline=_deadline(context))
+        generation = calls.GenerationLog(prompt_tokens=len(req.prompt_ids))
+        note(generation=generation,
+             prompt=await offload.run(tok.decode, list(req.prompt_ids)) if self.log_prompts else None)
         first = True
-        async with aclosing(engine.generate(seqs, _deadline(context))) as events:
-            async for i, event in events:
+        async with aclosing(engine.generate(req)) as outputs:
+            async for out in outputs:
                 if first:  # after prefill: prompt logprobs, when asked, exist now
-                    yield convert.input_info(seqs[0], tok)
+                    yield convert.input_info(req, out, truncated, tok)
                     first = False
-                yield convert.delta(event, seqs[i], tok, i)
-                if event.finish_reason is not None:
-                    yield convert.final(seqs[i], i)
+                generation.add(out)
+                yield convert.delta(out, req.params, tok)
+                if out.finished:
+                    yield convert.final(out)
 
     @rpc_errors
-    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+    async def Score(self, request: pb.ScoreRequest, context) -> bytes:
         engine = self.engine
-        tok = engine.engine.tokenizer
-        items = convert.score_items(request, engine.engine, self.limits)
+        items = await offload.run(self._score_items, request, engine.engine)
+        outputs = await engine.score(convert.score_request(items, request, _deadline(context)))
+        return await offload.run(self._score_response, outputs, engine.engine.tokenizer, request.ranks)
+
+    def _score_items(self, request: pb.ScoreRequest, llm) -> list[tuple[list[int], int, str]]:
+        items = convert.score_items(request, llm, self.limits)
         note(prompt_tokens=sum(len(ids) for ids, _, _ in items),
-             prompt=[tok.decode(ids) for ids, _, _ in items] if self.log_prompts else None)
-        outputs = await engine.score(items, request.ranks, request.top_n, _deadline(context))
-        return pb.ScoreResponse(results=[convert.score_result(o, tok, request.ranks) for o in outputs])
+             prompt=[llm.tokenizer.decode(ids) for ids, _, _ in items] if self.log_prompts else None)
+        return items
+
+    @staticmethod
+    def _score_response(outputs, tok, ranks: bool) -> bytes:
+        return b"".join(_serialized(pb.ScoreResponse, convert.score_result(o, tok, ranks)) for o in outputs)
 
     @rpc_errors
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:
@@ -117,5 +147,6 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
                                    default_max_new_tokens=lim.default_max_new_tokens,
                                    max_stop_sequences=lim.max_stop_sequences,
                                    max_stop_sequence_chars=lim.max_stop_sequence_chars,
+                                   max_stop_token_ids=lim.max_stop_token_ids,
                                    max_top_n=lim.max_top_n, max_batch_items=lim.max_batch_items,
                                    max_input_chars=lim.max_input_chars, max_samples=lim.max_samples))

@@ -1,7 +1,10 @@
-"""The inference engine: model runner, sampler, stopping rules and the generation loop."""
+"""The inference engine: plain requests in (EngineRequest, ScoreRequest), immutable outputs out
+(RequestOutput, ScoreOutput, RequestFailed); the engine owns everything in between."""
 
 from .llm_engine import LLMEngine
-from .outputs import FinishReason, GeneratedToken, ScoreOutput
+from .outputs import (EngineRequest, FinishReason, RequestFailed, RequestOutput, ScoreOutput, ScoreRequest,
+                      TokenLogprob, Usage)
 from .sampling_params import SamplingParams
 
-__all__ = ["FinishReason", "GeneratedToken", "LLMEngine", "SamplingParams", "ScoreOutput"]
+__all__ = ["EngineRequest", "FinishReason", "LLMEngine", "RequestFailed", "RequestOutput", "SamplingParams",
+           "ScoreOutput", "ScoreRequest", "TokenLogprob", "Usage"]

@@ -2,22 +2,31 @@
 
 The cache is `num_blocks` blocks of `block_size` token slots. A sequence owns a block table
 (list of block ids); slot = block * block_size + offset. Full blocks whose tokens are computed
-are registered under a key (parent key, tokens), so a later sequence with the same prefix
-shares them (prefix caching). Shared blocks are reference-counted; a block nobody uses but
-that still holds a registered prefix is kept, evictable in least-recently-used order, until
-its memory is needed."""
+are registered under a key naming their whole prefix (block_key), so a later sequence with
+the same prefix shares them (prefix caching). Shared blocks are reference-counted; a block
+nobody uses but that still holds a registered prefix is kept, evictable in least-recently-used
+order, until its memory is needed."""
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+
+
+def block_key(parent: bytes | None, tokens: list[int]) -> bytes:
+    """A full block's key: a SHA-256 digest of its parent's key and its own tokens, so of its
+    whole prefix. Not Python's hash(): tuple hashing can be inverted, and a prompt crafted to
+    collide with another prefix's key would be served that prefix's cached keys and values."""
+    return hashlib.sha256((parent or bytes(32)) + array("I", tokens).tobytes()).digest()
 
 
 @dataclass
 class Block:
     id: int
     ref_count: int = 0
-    key: tuple | None = None  # (parent key hash, tokens) once full and computed
+    key: bytes | None = None  # block_key, once full and computed
 
 
 @dataclass
@@ -25,7 +34,7 @@ class BlockTable:
     """What one sequence holds: its blocks, and the keys of its full, registered blocks."""
 
     blocks: list[int] = field(default_factory=list)
-    keys: list[tuple] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)
 
 
 class BlockManager:
@@ -36,7 +45,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: deque[int] = deque(range(num_blocks))  # hold no registered prefix
         self._evictable: OrderedDict[int, None] = OrderedDict()  # unused, still registered (LRU first)
-        self._by_key: dict[tuple, int] = {}
+        self._by_key: dict[bytes, int] = {}
 
     @property
     def num_free(self) -> int:
@@ -64,7 +73,7 @@ class BlockManager:
             return table
         parent = None
         for start in range(0, max_tokens - self.block_size + 1, self.block_size):
-            key = (hash(parent), tuple(tokens[start:start + self.block_size]))
+            key = block_key(parent, tokens[start:start + self.block_size])
             block_id = self._by_key.get(key)
             if block_id is None:
                 break
@@ -103,7 +112,7 @@ class BlockManager:
             return
         for i in range(len(table.keys), num_computed // self.block_size):
             parent = table.keys[-1] if table.keys else None
-            key = (hash(parent), tuple(tokens[i * self.block_size:(i + 1) * self.block_size]))
+            key = block_key(parent, tokens[i * self.block_size:(i + 1) * self.block_size])
             block = self.blocks[table.blocks[i]]
             existing = self._by_key.get(key)
             if existing is None and block.key is None:

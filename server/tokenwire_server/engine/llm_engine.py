@@ -1,10 +1,14 @@
-"""LLMEngine: the engine as a library. `step()` is schedule, run, postprocess: every running
-sequence advances together (continuous batching over a paged, prefix-cached KV cache)."""
+"""LLMEngine: the engine as a library. It takes plain requests (EngineRequest, ScoreRequest),
+owns their state (Sequence) and hands back immutable outputs. `step()` is schedule, execute,
+update from the output, process outputs: every running sequence advances together
+(continuous batching over a paged, prefix-cached KV cache)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,19 +16,20 @@ from pathlib import Path
 import torch
 
 from ..checkpoint_files import open_gguf
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, QueueFull
 from ..limits import Limits
 from ..model.loader import checkpoint_kind, load_model
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .logprobs import token_logprobs
 from .model_runner import ModelRunner
-from .outputs import FinishReason, GeneratedToken, ScoreOutput, TokenLogprob
+from .output_processor import OutputProcessor
+from .outputs import (EngineRequest, FinishReason, RequestFailed, RequestOutput, ScoreOutput, ScoreRequest,
+                      TokenLogprob)
 from .sampler import Sampler
-from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .sampling_params import SEEDS, SamplingParams
+from .scheduler import ScheduledSequence, Scheduler
 from .sequence import Sequence, Status
-from .stopping import StoppingCriteria
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +92,15 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens, config.max_queued,
                                    config.queue_timeout)
         self.sampler = Sampler()
-        self._generators: dict[Sequence, torch.Generator | None] = {}
-        self._stopping: dict[Sequence, StoppingCriteria] = {}
+        self.processor = OutputProcessor(tokenizer, min(self.context_len, self.kv_capacity_tokens))
+        # Told of what happens, from whichever thread steps the engine: on_request(prompt_tokens),
+        # on_step(batch, kv_usage, waiting, running, preempted), on_token(key, now, ttft, queue),
+        # on_finish(key, reason, e2e, cached_tokens), on_score(queue, cached_tokens)
+        # (tokenwire_server.metrics.Metrics; the engine imports no Prometheus).
+        self.observer = None
+        self._requests: dict[str, list[Sequence]] = {}  # request id -> its samples or score items
         self.num_steps = 0
         self.num_preemptions = 0
-        self.last_batch_size = 0  # sequences in the last step
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: str = "auto", device: str = "auto", name: str = "",
@@ -132,67 +141,178 @@ class LLMEngine:
 
     # ---- requests ----
 
-    def add(self, seq: Sequence, limits: Limits = Limits()) -> None:
-        """Queue a sequence (raises QueueFull when the waiting queue is full)."""
-        if seq.score_from is None:
-            self.check_prompt(seq.prompt_ids)
-            seq.params.validate(limits, self.config.vocab_size)
-            seed = seq.params.ensure_seed()
-            generator = None if seq.params.greedy else torch.Generator(self.runner.device).manual_seed(seed)
-            self._generators[seq] = generator
-            self._stopping[seq] = StoppingCriteria(seq.params, self.tokenizer.eos_ids, len(seq.prompt_ids),
-                                                   min(self.context_len, self.kv_capacity_tokens))
-            if seq.params.prompt_logprobs:
-                seq.prompt_logprobs = []
-        else:
-            self.check_prompt(seq.prompt_ids, generating=False)
-            seq.prompt_logprobs = []
-        self.scheduler.add(seq)
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a generation's n samples (QueueFull when the waiting queue has no room for them).
+        Its fields are taken as validated (check_prompt, SamplingParams.validate)."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is in use")
+        if len(self.scheduler.waiting) + request.n > self.scheduler.max_queued:
+            raise QueueFull(f"the server's queue is full ({len(self.scheduler.waiting)} waiting); retry later")
+        params = dataclasses.replace(request.params)
+        seed = params.ensure_seed()
+        ids = list(request.prompt_ids)
+        seqs = []
+        for i in range(request.n):  # sample i uses seed + i, so each one can be replayed alone
+            p = params if i == 0 else dataclasses.replace(params, seed=(seed + i) % SEEDS, prompt_logprobs=False)
+            seq = Sequence(ids, p, request.request_id, i, parent=seqs[0] if seqs else None, arrival=request.arrival)
+            seq.generator = None if p.greedy else torch.Generator(self.runner.device).manual_seed(p.seed)
+            seq.prompt_logprobs = [] if p.prompt_logprobs else None
+            self.processor.start(seq)
+            seqs.append(seq)
+        self._admit(request.request_id, seqs, len(ids))
 
-    def finish(self, seq: Sequence, reason: FinishReason | None = None) -> None:
-        """Stop a sequence (done, cancelled, failed) and free its cache at once."""
-        if seq.status is not Status.FINISHED:
-            self.scheduler.finish(seq)
-            seq.finish_reason = seq.finish_reason or reason
-            seq.finished = time.monotonic()
-        self._generators.pop(seq, None)
-        self._stopping.pop(seq, None)
+    def add_score(self, request: ScoreRequest) -> None:
+        """Queue score items; each completes as one ScoreOutput."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is in use")
+        if len(self.scheduler.waiting) + len(request.items) > self.scheduler.max_queued:
+            raise QueueFull(f"the server's queue is full ({len(self.scheduler.waiting)} waiting); retry later")
+        params = SamplingParams(ranks=request.ranks, top_n=request.top_n)
+        seqs = [Sequence(list(ids), params, request.request_id, i, score_from=start, prompt_logprobs=[],
+                         arrival=request.arrival) for i, (ids, start) in enumerate(request.items)]
+        self._admit(request.request_id, seqs, sum(len(ids) for ids, _ in request.items))
+
+    def _admit(self, request_id: str, seqs: list[Sequence], prompt_tokens: int) -> None:
+        self._requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self._notify("on_request", prompt_tokens)
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request (cancelled, expired, failed) and free its cache at once."""
+        for seq in self._requests.pop(request_id, ()):
+            self._finish(seq, FinishReason.CANCELLED if seq.score_from is None else None)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._requests
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def expired(self) -> list[str]:
+        """Requests that waited longer than the queue timeout (the caller aborts them)."""
+        return list(dict.fromkeys(s.request_id for s in self.scheduler.expired()))
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def _finish(self, seq: Sequence, reason: FinishReason | None) -> None:
+        if seq.status is Status.FINISHED:
+            return
+        self.scheduler.finish(seq)
+        seq.finish_reason = seq.finish_reason or reason
+        seq.finished = seq.finished or time.monotonic()
+        if seq.score_from is None:
+            e2e = seq.finished - seq.arrival if seq.finish_reason not in (None, FinishReason.CANCELLED) else None
+            self._notify("on_finish", (seq.request_id, seq.index), seq.finish_reason, e2e, seq.cached_tokens)
+
+    def _retire(self, seq: Sequence) -> None:
+        """A sequence is done: forget its request once all of the request's sequences are."""
+        seqs = self._requests.get(seq.request_id)
+        if seqs is not None and all(s.status is Status.FINISHED for s in seqs):
+            del self._requests[seq.request_id]
+
+    def _notify(self, event: str, *args) -> None:
+        if self.observer is not None:
+            getattr(self.observer, event)(*args)
+
+    def report_load(self, preempted: int = 0, batch_size: int = 0) -> None:
+        s = self.scheduler
+        self._notify("on_step", batch_size if s.has_work() else 0, self.blocks.usage, len(s.waiting),
+                     len(s.running), preempted)
+
     # ---- one step ----
 
-    def step(self) -> list[tuple[Sequence, GeneratedToken | None]]:
-        """Advance every scheduled sequence. Returns, for each generation that produced a token,
-        (seq, token); for each score sequence that completed, (seq, None)."""
+    def step(self) -> list[RequestOutput | ScoreOutput | RequestFailed]:
+        """Schedule, execute, update every scheduled sequence from the output, process the
+        outputs. A fault fails only the requests it touches: when the batch as a whole fails,
+        its sequences run again one by one and only those that fail alone are failed."""
         scheduled = self.scheduler.schedule()
         batch = scheduled.scheduled
         self.num_preemptions += len(scheduled.preempted)
-        self.last_batch_size = len(batch)
-        if not batch:
-            return []
-        self.num_steps += 1
+        outputs = []
+        if batch:
+            self.num_steps += 1
+            try:
+                outputs = self._run(batch)
+            except Exception as e:
+                if len(batch) == 1:
+                    log.exception("step failed (request %s)", batch[0].seq.request_id)
+                    outputs = self._fail(batch[0].seq.request_id, e)
+                else:
+                    log.exception("a step of %d sequences failed: running them one by one", len(batch))
+                    outputs = self._run_alone(batch)
+        self.report_load(len(scheduled.preempted), len(batch))
+        return outputs
+
+    def _run_alone(self, batch: list[ScheduledSequence]) -> list:
+        outputs = []
+        for sched in batch:
+            if sched.seq.status is Status.FINISHED:  # another sample of its request failed
+                continue
+            try:
+                outputs += self._run([sched])
+            except Exception as e:
+                log.exception("request %s failed", sched.seq.request_id)
+                outputs += self._fail(sched.seq.request_id, e)
+        return outputs
+
+    def _fail(self, request_id: str, error: Exception) -> list[RequestFailed]:
+        self.abort_request(request_id)
+        return [RequestFailed(request_id, error)]
+
+    def _run(self, batch: list[ScheduledSequence]) -> list:
+        # Nothing before the per-sequence updates changes engine state (the cache slots written
+        # are the scheduled ones, written again on a retry; generators are restored on a fault).
         logits, spans = self.runner.execute(batch)
-        events, to_sample = [], []
+        to_sample = [(s.seq, span.row + span.count - 1) for s, span in zip(batch, spans)
+                     if s.completes and s.seq.score_from is None]
+        tokens = self._sample(to_sample, logits) if to_sample else {}
+        outputs, now = [], time.monotonic()
         for sched, span in zip(batch, spans):
             seq = sched.seq
-            if span.count and seq.prompt_logprobs is not None:
-                self._prompt_logprobs(seq, logits[span.row:span.row + span.count], span.first)
-            completes = sched.completes
-            seq.num_computed += sched.num_tokens
-            if seq.num_computed // self.blocks.block_size > len(seq.block_table.keys):  # a block filled
-                self.blocks.register(seq.block_table, seq.tokens, seq.num_computed)
-            if not completes:
+            if seq.status is Status.FINISHED:  # another sample of its request failed just now
                 continue
-            if seq.score_from is not None:
-                events.append((seq, None))
-                self.finish(seq)
-            else:
-                to_sample.append((seq, span.row + span.count - 1))
-        if to_sample:
-            events += self._sample(to_sample, logits)
-        return events
+            try:
+                out = self._update(seq, sched, logits[span.row:span.row + span.count], span.first,
+                                   tokens.get(seq), now)
+            except Exception as e:
+                log.exception("request %s failed", seq.request_id)
+                outputs += self._fail(seq.request_id, e)
+                continue
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _update(self, seq: Sequence, sched: ScheduledSequence, rows: torch.Tensor, first: int,
+                token: TokenLogprob | None, now: float):
+        """Advance one sequence by its computed tokens and, if it produced one, its new token."""
+        if len(rows) and seq.prompt_logprobs is not None:
+            self._prompt_logprobs(seq, rows, first)
+        completes = sched.completes  # (asked before the sequence advances)
+        seq.num_computed += sched.num_tokens
+        if seq.num_computed // self.blocks.block_size > len(seq.block_table.keys):  # a block filled
+            self.blocks.register(seq.block_table, seq.tokens, seq.num_computed)
+        if not completes:
+            return None
+        if seq.score_from is not None:  # a score item is complete
+            out = ScoreOutput(seq.request_id, seq.index, tuple(seq.prompt_logprobs), seq.all_greedy,
+                              (seq.started or now) - seq.arrival)
+            self._finish(seq, None)
+            self._notify("on_score", out.queue_seconds, seq.cached_tokens)
+            self._retire(seq)
+            return out
+        seq.output_ids.append(token.token_id)
+        first_token = seq.first_token is None
+        seq.first_token = seq.first_token or now
+        self._notify("on_token", (seq.request_id, seq.index), now, now - seq.arrival if first_token else None,
+                     (seq.started or now) - seq.arrival if first_token else None)
+        out = self.processor.process(seq, token, now)
+        if out.finished:
+            self._finish(seq, out.finish_reason)
+            self._retire(seq)
+        return out
 
     def _prompt_logprobs(self, seq: Sequence, rows: torch.Tensor, first: int) -> None:
         """Logprobs of the tokens these positions predict, for positions not yet covered."""
@@ -208,52 +328,67 @@ class LLMEngine:
         seq.prompt_logprobs += token_logprobs(rows, targets, p.ranks, p.top_n)
         seq.all_greedy = seq.all_greedy and bool((rows.argmax(-1) == targets).all())
 
-    def _sample(self, items: list[tuple[Sequence, int]], logits: torch.Tensor):
+    def _sample(self, items: list[tuple[Sequence, int]], logits: torch.Tensor) -> dict[Sequence, TokenLogprob]:
         seqs = [s for s, _ in items]
         rows = logits[torch.tensor([r for _, r in items], device=logits.device)]
         params = [s.params for s in seqs]
         eos = list(self.tokenizer.eos_ids)
         banned = [eos + s.params.stop_token_ids if len(s.output_ids) < s.params.min_new_tokens else [] for s in seqs]
-        tokens = self.sampler(rows, params, [self._generators[s] for s in seqs],
-                              [(s.prompt_ids, s.output_ids) for s in seqs], banned)
-        detail = [i for i, p in enumerate(params) if p.ranks or p.top_n]
-        logp = torch.log_softmax(rows, dim=-1).gather(-1, tokens[:, None])[:, 0].tolist()
-        infos = {}
-        for i in detail:  # ranks and top-N only for the rows that asked
-            p = params[i]
-            infos[i] = token_logprobs(rows[i:i + 1], tokens[i:i + 1], p.ranks, p.top_n)[0]
-        events = []
-        now = time.monotonic()
-        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
-            info = infos.get(i) or TokenLogprob(token, logp[i])
-            seq.output_ids.append(token)
-            seq.first_token = seq.first_token or now
-            reason = self._stopping[seq](token, len(seq.output_ids))
-            events.append((seq, GeneratedToken(info, reason)))
-            if reason is not None:
-                self.finish(seq, reason)
-        return events
-
-    # ---- synchronous helpers (a library user with one request at a time) ----
-
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
-        """Yield the generated tokens one by one; the last one carries the finish reason."""
-        seq = Sequence(prompt_ids, params)
-        self.add(seq)
+        generators = [s.generator for s in seqs]
+        states = [g.get_state() if g is not None else None for g in generators]
         try:
-            while seq.status is not Status.FINISHED:
-                for s, event in self.step():
-                    if s is seq:
-                        yield event
+            tokens = self.sampler(rows, params, generators, [(s.prompt_ids, s.output_ids) for s in seqs], banned)
+        except Exception:  # a retry draws the same numbers
+            for g, state in zip(generators, states):
+                if g is not None:
+                    g.set_state(state)
+            raise
+        logp = torch.log_softmax(rows, dim=-1).gather(-1, tokens[:, None])[:, 0].tolist()
+        out = {}
+        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            p = params[i]
+            if p.ranks or p.top_n:  # ranks and top-N only for the rows that asked
+                out[seq] = token_logprobs(rows[i:i + 1], tokens[i:i + 1], p.ranks, p.top_n)[0]
+            else:
+                out[seq] = TokenLogprob(token, logp[i])
+        return out
+
+    # ---- synchronous use (a library user, warm-up, the generate command) ----
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, n: int = 1,
+                 limits: Limits = Limits()) -> Iterator[RequestOutput]:
+        """Validate, then yield the request's outputs as they come (for n > 1, interleaved; each
+        sample's last output carries its finish reason). Stop sequences and time limits apply
+        as they do when served."""
+        self.check_prompt(prompt_ids)
+        params.validate(limits, self.config.vocab_size)
+        request = EngineRequest(uuid.uuid4().hex, tuple(prompt_ids), params, n)
+        self.add_request(request)
+        try:
+            while self.has_request(request.request_id):
+                for out in self.step():
+                    if out.request_id != request.request_id:
+                        continue
+                    if isinstance(out, RequestFailed):
+                        raise out.error
+                    yield out
         finally:
-            self.finish(seq, FinishReason.CANCELLED)
+            self.abort_request(request.request_id)
 
     def score(self, token_ids: list[int], start: int = 1, ranks: bool = False, top_n: int = 0) -> ScoreOutput:
         """Logprobs of token_ids[start:], each given the tokens before it."""
         if not 1 <= start < len(token_ids):
             raise InvalidArgument("prompt", "needs at least one token to score after its first")
-        seq = Sequence(token_ids, SamplingParams(ranks=ranks, top_n=top_n), score_from=start)
-        self.add(seq)
-        while seq.status is not Status.FINISHED:
-            self.step()
-        return ScoreOutput(seq.prompt_logprobs, seq.all_greedy)
+        self.check_prompt(token_ids, generating=False)
+        request = ScoreRequest(uuid.uuid4().hex, ((tuple(token_ids), start),), ranks, top_n)
+        self.add_score(request)
+        try:
+            while self.has_request(request.request_id):
+                for out in self.step():
+                    if out.request_id == request.request_id:
+                        if isinstance(out, RequestFailed):
+                            raise out.error
+                        return out
+        finally:
+            self.abort_request(request.request_id)
+        raise AssertionError("unreachable: a score request ends with an output")

@@ -11,11 +11,14 @@ from ..errors import InvalidArgument
 from ..limits import Limits
 
 SEEDS = 2**63  # seeds are in [0, SEEDS)
+# Temperatures below this are greedy: logits divided by them overflow float32 (1e-40 gave token 0
+# every time), and at 1e-5 sampling already keeps only the top token unless two nearly tie.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or anything below MIN_TEMPERATURE) means greedy
     top_k: int = 0  # 0 means off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -47,7 +50,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
     def validate(self, limits: Limits = Limits(), vocab_size: int | None = None) -> None:
         """Raise InvalidArgument naming the first field that is out of range."""
@@ -91,6 +94,9 @@ class SamplingParams:
             if len(stop) > limits.max_stop_sequence_chars:
                 raise InvalidArgument(f"stop_sequences[{i}]", f"{len(stop)} characters, at most "
                                                               f"{limits.max_stop_sequence_chars} allowed")
+        if len(self.stop_token_ids) > limits.max_stop_token_ids:
+            raise InvalidArgument("stop_token_ids", f"{len(self.stop_token_ids)} given, at most "
+                                                    f"{limits.max_stop_token_ids} allowed")
         if vocab_size is not None:
             for i, t in enumerate(self.stop_token_ids):
                 if not 0 <= t < vocab_size:

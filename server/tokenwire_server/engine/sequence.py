@@ -1,4 +1,5 @@
-"""Sequence: one generation or scoring request's state as it moves through the engine."""
+"""Sequence: the engine's own state of one sample of a generation, or one score item. Only
+the engine thread touches it; the outside sees EngineRequest in and RequestOutput out."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockTable
 from .outputs import FinishReason, TokenLogprob
-from .sampling_params import SEEDS, SamplingParams
+from .sampling_params import SamplingParams
 
 
 class Status(enum.Enum):
@@ -22,7 +23,8 @@ class Status(enum.Enum):
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
-    truncated: bool = False  # prompt tokens were dropped to fit
+    request_id: str = ""
+    index: int = 0  # the sample, or the score item
     # Scoring: no generation; logprobs of prompt_ids[score_from:] (None: a generation).
     score_from: int | None = None
     output_ids: list[int] = field(default_factory=list)
@@ -33,9 +35,12 @@ class Sequence:
     cached_tokens: int = 0  # of the prompt, found in the prefix cache
     all_greedy: bool = True  # scoring: every scored token was the most likely one
     finish_reason: FinishReason | None = None
-    stop_sequence: str = ""
     # n samples of one prompt: the later samples wait for the first one's prefill and share it.
     parent: Sequence | None = None
+    # Set by the engine when it takes the request: the seeded generator (None: greedy) and
+    # the output processor's state (stopping rules, detokenizer, held-back text).
+    generator: object = None
+    output: object = None
     # Monotonic timestamps
     arrival: float = field(default_factory=time.monotonic)
     started: float | None = None  # first scheduled
@@ -66,13 +71,3 @@ class Sequence:
             return 0
         return self.num_tokens - 1
 
-
-def samples(prompt_ids: list[int], params: SamplingParams, n: int = 1, truncated: bool = False) -> list[Sequence]:
-    """n sequences of one prompt. Sample i uses seed + i (wrapping within the valid seeds), so
-    each one can be replayed alone; only the first reports prompt logprobs (the others share
-    its computed prompt)."""
-    seed = params.ensure_seed()
-    first = Sequence(prompt_ids, params, truncated)
-    rest = [Sequence(prompt_ids, dataclasses.replace(params, seed=(seed + i) % SEEDS, prompt_logprobs=False),
-                     truncated, parent=first) for i in range(1, n)]
-    return [first, *rest]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import secrets
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -50,3 +52,20 @@ class ChatTemplate:
             raise InvalidArgument("messages", f"rejected by the model's chat template: {e}") from None
         except jinja2.TemplateError as e:
             raise InvalidArgument("messages", f"the model's chat template failed: {e}") from None
+
+    def render_parts(self, messages: list[dict],
+                     add_generation_prompt: bool = True) -> tuple[str, str, list[str] | None]:
+        """Where message content went in the rendering: (plain rendering, marked rendering, parts).
+        The marked rendering has every non-empty content between markers holding a fresh random
+        nonce, which content cannot guess. parts alternates markup and content (odd indexes are
+        content) and joins to the plain rendering; it is None when the template changed content
+        (`| trim`, slicing, branching on it) so that its place cannot be told."""
+        plain = self.render(messages, add_generation_prompt)
+        nonce = secrets.token_hex(16)
+        opener, closer = f"[[tw:{nonce}:", f":{nonce}:tw]]"  # no characters that JSON or HTML escape
+        marked = self.render([{**m, "content": opener + m["content"] + closer if m["content"] else ""}
+                              for m in messages], add_generation_prompt)
+        parts = re.split(re.escape(opener) + "(.*?)" + re.escape(closer), marked, flags=re.DOTALL)
+        if any(nonce in part for part in parts) or "".join(parts) != plain:
+            return plain, marked, None
+        return plain, marked, parts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 
@@ -38,6 +39,9 @@ class Tokenizer:
         self.chat_template = chat_template
         self.name = name
         self.special_ids = frozenset(encoding._special_tokens.values())
+        # Special-token text, longest first so that a token wins over one that is its prefix.
+        specials = sorted(encoding._special_tokens, key=len, reverse=True)
+        self._special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     @property
     def vocab_size(self) -> int:
@@ -75,6 +79,50 @@ class Tokenizer:
         if self.chat_template is None:
             raise InvalidArgument("messages", f"model {self.name!r} has no chat template; send text instead")
         return self.chat_template.render(messages, add_generation_prompt)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation in the model's chat template. Only the template's own
+        markup becomes special tokens: message content is plain text, as encode() treats it,
+        even where it spells a special token, alone or together with the markup around it."""
+        if self.chat_template is None:
+            raise InvalidArgument("messages", f"model {self.name!r} has no chat template; send text instead")
+        plain, marked, parts = self.chat_template.render_parts(messages, add_generation_prompt)
+        if parts is None:
+            return self.prefix_ids() + self._encode_transformed(messages, plain, marked)
+        # Text between special tokens is encoded as one run, content and markup alike, so that
+        # clean content gives exactly the ids of encoding the whole rendering.
+        ids, run = [], []
+        for i, part in enumerate(parts):
+            if i % 2 or self._special_text is None:  # content, or a vocabulary without specials
+                run.append(part)
+                continue
+            start = 0
+            for m in self._special_text.finditer(part):
+                run.append(part[start:m.start()])
+                ids += self.encoding.encode_ordinary("".join(run))
+                ids.append(self.encoding._special_tokens[m.group()])
+                run, start = [], m.end()
+            run.append(part[start:])
+        return self.prefix_ids() + ids + self.encoding.encode_ordinary("".join(run))
+
+    def _encode_transformed(self, messages: list[dict], plain: str, marked: str) -> list[int]:
+        """For a template that changes content, so that content cannot be told from markup in
+        the rendering: it is encoded with special tokens only when no content holds
+        special-token text and the markup's special tokens are the same as with the content
+        fenced off by markers (so no content joins the markup into a special token)."""
+        if self._special_text is None:
+            return self.encoding.encode_ordinary(plain)
+        for i, m in enumerate(messages):
+            if found := self._special_text.search(m["content"]):
+                raise InvalidArgument(f"messages[{i}].content",
+                                      f"holds the special token {found.group()!r}, and this model's chat template "
+                                      "changes message content, so it cannot be kept as plain text")
+        ids = self.encoding.encode(plain, allowed_special="all")
+        fenced = self.encoding.encode(marked, allowed_special="all")
+        if [t for t in ids if t in self.special_ids] != [t for t in fenced if t in self.special_ids]:
+            raise InvalidArgument("messages", "message content would join the chat template's markup into "
+                                              "a special token")
+        return ids
 
     # ---- construction from checkpoints ----
 
