@@ -168,6 +168,20 @@ def test_rollback_of_a_preempted_sequence_keeps_its_cached_tokens():
     assert b.cached_tokens == 2
 
 
+@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
+                   reason="scheduler.py _chunk divides by 2 * key_cost (0 by default) when a chunk costs more than "
+                          "the step has left: here the preempted decode's cost was counted and not given back")
+def test_a_chunk_costing_more_than_is_left_with_the_default_key_cost():
+    sched = Scheduler(BlockManager(5, BS), max_num_seqs=2, max_batched_tokens=3)
+    a, b = seq([1, 2]), seq([3] * 6)
+    sched.add(a)
+    sched.add(b)
+    for _ in range(3):
+        step(sched)
+    out = step(sched)  # both decode; a needs a block: b is preempted and tried again with a chunk of 2
+    assert out.preempted == [b] and plan(out)[:1] == [(a, 1)]
+
+
 def test_queue_limit():
     sched = Scheduler(BlockManager(32, BS), max_queued=2)
     sched.add(seq([1]))
@@ -240,10 +254,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.done: list[Sequence] = []
         self.slots: dict[tuple[int, int], tuple] = {}  # (block, offset) -> the prefix written there
 
-    @initialize(num_blocks=st.integers(4, 8), max_num_seqs=st.integers(1, 4), budget=st.integers(2, 8))
-    def configure(self, num_blocks, max_num_seqs, budget):
+    # key_cost > 0 as the engine sets it (0, the default, fails: see the xfail test above).
+    @initialize(num_blocks=st.integers(4, 8), max_num_seqs=st.integers(1, 4), budget=st.integers(2, 8),
+                key_cost=st.sampled_from([0.001, 0.1]))
+    def configure(self, num_blocks, max_num_seqs, budget, key_cost):
         self.bm = BlockManager(num_blocks, BS)
-        self.sched = Scheduler(self.bm, max_num_seqs=max_num_seqs, max_batched_tokens=budget, max_queued=4)
+        self.sched = Scheduler(self.bm, max_num_seqs=max_num_seqs, max_batched_tokens=budget, max_queued=4,
+                               key_cost=key_cost)
 
     def live(self) -> list[Sequence]:
         return self.sched.running + list(self.sched.waiting)

@@ -73,7 +73,8 @@ class Sampler:
         top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=device)
         top_p = torch.tensor([p.top_p for p in params], device=device)
         min_p = torch.tensor([p.min_p for p in params], device=device)
-        if (top_k >= V).all() and (top_p >= 1).all() and (min_p <= 0).all():
+        filtered = (top_k < V) | (top_p < 1) | (min_p > 0)
+        if not filtered.any():
             return probs
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         rank = torch.arange(V, device=device)
@@ -83,4 +84,6 @@ class Sampler:
         drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
         drop[:, 0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        # Rows without filters stay as they are, whatever their neighbours ask: with top_p = 1
+        # the rounded cumulative mass can reach 1 before the tail and drop it.
+        return torch.where(filtered[:, None], torch.zeros_like(probs).scatter_(-1, order, sorted_probs), probs)

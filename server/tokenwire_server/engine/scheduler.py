@@ -12,7 +12,8 @@ what it costs at the start of a prompt (measured: 5.6 s against 1.1 s at 7,665 k
 every running stream saw). A chunk of n tokens ending at key K counts n * (1 + K * key_cost),
 and the step's chunks get what is left of the cost of one full chunk at the start of a prompt
 once every running decode (one token each) is counted: chunks shrink as their context grows,
-so no step costs much more than one chunk's worth of work."""
+so no step costs much more than one chunk's worth of work. A prompt alone in the scheduler
+keeps whole chunks (measured: smaller chunks cost 17% more in all at 8,000 tokens)."""
 
 from __future__ import annotations
 
@@ -113,6 +114,8 @@ class Scheduler:
         decodes = [s for s in self.running if s.num_tokens - s.num_computed == 1]
         chunks = [s for s in self.running if s.num_tokens - s.num_computed != 1]
         cost = self.max_step_cost - len(decodes)
+        if len(self.running) + len(self.waiting) <= 1:
+            cost = math.inf  # alone: nobody waits on this step, and fewer, larger chunks cost less in all
         chunked = False
         for seq in decodes + chunks:
             if seq.status is not Status.RUNNING:
