@@ -52,3 +52,9 @@ class QueueFull(TokenwireError):
 
 class ConfigError(TokenwireError):
     """The server's own configuration (flags, files it names) is unusable."""
+
+
+class ResponseTooLarge(TokenwireError):
+    """The answer to a valid request would exceed what one response may carry."""
+
+    expected = True

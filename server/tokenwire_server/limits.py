@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_RECEIVE_BYTES = 8 * 2**20  # one request message
+MAX_SEND_BYTES = 64 * 2**20  # one response message
+
 
 @dataclass(frozen=True)
 class Limits:

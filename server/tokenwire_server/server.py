@@ -20,14 +20,12 @@ from .engine import LLMEngine, SamplingParams
 from .engine.llm_engine import EngineConfig
 from .engine.async_engine import AsyncEngine
 from .errors import ConfigError
-from .limits import Limits
+from .limits import MAX_RECEIVE_BYTES, MAX_SEND_BYTES, Limits
 from .metrics import Metrics
 from .security import ApiKeyInterceptor
 
 log = logging.getLogger(__name__)
 
-MAX_RECEIVE_BYTES = 8 * 2**20
-MAX_SEND_BYTES = 64 * 2**20
 GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                 ("grpc.max_send_message_length", MAX_SEND_BYTES),
                 # A second server on a taken port must fail, not silently share its traffic.

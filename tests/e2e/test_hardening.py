@@ -394,3 +394,17 @@ def test_sigterm_while_the_model_loads_exits_at_once(model_path, tmp_path):
     assert code == 0, output
     assert took < 2.0, f"exited {took:.1f}s after SIGTERM\n{output}"
     assert "stopped" in output and "serving" not in output
+
+
+def test_a_response_too_large_to_send_is_refused_before_it_is_built(served):
+    """256 texts of digits (one token each) with spans would make a response of over 64 MiB: the
+    client gets RESOURCE_EXHAUSTED saying why, not a transport error after the work."""
+    texts = ["".join(random.Random(i).choice("0123456789") for _ in range(31_000)) for i in range(256)]
+    with grpc.insecure_channel(served.address, options=[("grpc.max_send_message_length", 16 * 2**20),
+                                                        ("grpc.max_receive_message_length", 16 * 2**20)]) as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.TokenwireStub(channel).Tokenize(pb.TokenizeRequest(texts=texts, return_tokens=True), timeout=120)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "return_tokens" in e.value.details()
+        counted = pb_grpc.TokenwireStub(channel).Tokenize(pb.TokenizeRequest(texts=texts), timeout=120)
+        assert counted.results[0].token_count == 31_000  # without spans the same texts are fine

@@ -12,7 +12,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ..errors import DeadlineExceeded, EngineUnavailable, InvalidArgument, QueueFull
+from ..errors import DeadlineExceeded, EngineUnavailable, InvalidArgument, QueueFull, ResponseTooLarge
 from . import calls
 from .handlers import Malformed
 
@@ -47,7 +47,7 @@ def _status(exc: Exception) -> status_pb2.Status:
             error_details_pb2.BadRequest.FieldViolation(field=field, description=description)]))
         return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=f"{field}: {description}",
                                  details=[detail])
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, (QueueFull, ResponseTooLarge)):
         return status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=str(exc))
     if isinstance(exc, EngineUnavailable):
         return status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(exc))

@@ -10,8 +10,8 @@ from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
 
 from ..engine.async_engine import AsyncEngine
-from ..errors import EngineUnavailable, InvalidArgument
-from ..limits import Limits
+from ..errors import EngineUnavailable, InvalidArgument, ResponseTooLarge
+from ..limits import MAX_SEND_BYTES, Limits
 from ..tokenizer import named_encoding
 from . import calls, convert, offload
 from .calls import note
@@ -66,7 +66,7 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
         keep = request.truncate_input_tokens if request.HasField("truncate_input_tokens") else None
         if keep is not None and keep < 1:
             raise InvalidArgument("truncate_input_tokens", "must be >= 1")
-        results, tokens = [], 0
+        encoded = []
         for i, text in enumerate(request.texts):
             if len(text) > self.limits.max_input_chars:
                 raise InvalidArgument(f"texts[{i}]", f"more than {self.limits.max_input_chars} characters")
@@ -77,9 +77,24 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
             else:
                 prefix, token_bytes = tok.prefix_ids(request.add_special_tokens), tok.token_bytes
                 ids = tok.encode(text, add_special_tokens=False, allow_special=request.allow_special)
+            encoded.append((prefix, ids, token_bytes, text))
+        # Encoding is fast; token spans are not: refuse a response that cannot be sent before
+        # building it (each kept id takes at least 1 byte, each span at least 9).
+        kept = sum(min(len(p) + len(ids), keep or len(p) + len(ids)) for p, ids, _, _ in encoded)
+        at_least = kept * (10 if request.return_tokens else 1)
+        if at_least > MAX_SEND_BYTES:
+            raise ResponseTooLarge(f"the response would take over {at_least >> 20} MiB, more than the "
+                                   f"{MAX_SEND_BYTES >> 20} MiB a response may; send fewer texts per call"
+                                   + (" or leave return_tokens off" if request.return_tokens else ""))
+        results, tokens, size = [], 0, 0
+        for prefix, ids, token_bytes, text in encoded:
             result = convert.tokenize_result(prefix, ids, token_bytes, text, keep, request.return_tokens)
             tokens += result.original_token_count
             results.append(_serialized(pb.TokenizeResponse, result))
+            size += len(results[-1])
+            if size > MAX_SEND_BYTES:
+                raise ResponseTooLarge(f"the response would take over {MAX_SEND_BYTES >> 20} MiB, more than a "
+                                       "response may; send fewer texts per call")
         note(prompt_tokens=tokens, prompt=list(request.texts) if self.log_prompts else None)
         return b"".join(results)
 
