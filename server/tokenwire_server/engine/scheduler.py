@@ -100,9 +100,11 @@ class Scheduler:
         n = min(seq.num_tokens - start, budget)
         if n > 1 and self.chunk_cost(start, n) > cost:
             k = self.key_cost
-            # Largest n with n (1 + (start + n) k) <= cost: the root of k n^2 + (1 + start k) n - cost.
-            b = 1 + start * k
-            n = min(n, int((math.sqrt(b * b + 4 * k * cost) - b) / (2 * k)))
+            if k == 0:  # every token costs 1
+                n = min(n, int(cost))
+            else:  # largest n with n (1 + (start + n) k) <= cost: the root of k n^2 + (1 + start k) n - cost
+                b = 1 + start * k
+                n = min(n, int((math.sqrt(b * b + 4 * k * cost) - b) / (2 * k)))
             while n > 1 and self.chunk_cost(start, n) > cost:  # float rounding
                 n -= 1
         return max(n, 1) if first and budget > 0 else n
@@ -148,7 +150,9 @@ class Scheduler:
             n = self._chunk(seq, budget, cost, not chunked)
             if n <= 0 or not self.blocks.allocate(seq.block_table, seq.num_computed + n):
                 self.blocks.free(seq.block_table)  # give back prefix blocks; try again next step
-                seq.num_computed = seq.cached_tokens = 0
+                seq.num_computed = 0
+                if not seq.output_ids:  # a recompute after preemption keeps its first admission's count
+                    seq.cached_tokens = 0
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
