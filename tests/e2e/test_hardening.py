@@ -154,8 +154,9 @@ def test_huge_tokenize_leaves_health_and_streams_responsive(busy_server):
     assert len(response.results) == 256 and all(r.tokens for r in response.results)
     assert took > 3, f"the Tokenize took only {took:.1f}s: too short to show anything"
     assert max(worst.values()) < 1.0, f"health took {worst} during a {took:.1f}s Tokenize"
-    # Under 1 s on a quiet machine; on a busy one, within twice the worst gap seen just before.
-    assert gap < max(1.0, 2 * idle), f"a stream waited {gap:.2f}s between deltas (idle: {idle:.2f}s) " \
+    # Held on the loop, the stream would wait the whole Tokenize (36 s here before the fix). On a
+    # quiet machine the worst gap is 0.3-0.6 s; other processes on the same cores can stretch it.
+    assert gap < max(2.0, 4 * idle), f"a stream waited {gap:.2f}s between deltas (idle: {idle:.2f}s) " \
                                      f"during a {took:.1f}s Tokenize"
 
 
