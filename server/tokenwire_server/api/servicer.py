@@ -116,8 +116,8 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         engine = self.engine
         tok = engine.engine.tokenizer
-        req, truncated = await offload.run(convert.generate_request, request, engine.engine, self.limits,
-                                           deadline=_deadline(context))
+        req, truncated = await offload.prepare(convert.generate_request, request, engine.engine, self.limits,
+                                               deadline=_deadline(context))
         generation = calls.GenerationLog(prompt_tokens=len(req.prompt_ids))
         note(generation=generation,
              prompt=await offload.run(tok.decode, list(req.prompt_ids)) if self.log_prompts else None)

@@ -61,6 +61,15 @@ def choose_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def key_cost(c) -> float:
+    """What attending to one more key costs a prompt token, as a fraction of the rest of its
+    work (the layers' matmuls): 4 flops per query head and head dimension per layer against 2
+    per weight, with the fused attention kernel doing about a third of the matmuls' flops per
+    second (measured in bfloat16 on CPU). About 1/1000 for the default model."""
+    weights = c.dim * (c.n_heads + c.n_kv_heads) * c.head_dim * 2 + 3 * c.dim * c.hidden_dim
+    return 3 * 4 * c.n_heads * c.head_dim / (2 * weights)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     kv_cache_tokens: int = 65536  # KV cache capacity, fixed at start
@@ -76,19 +85,13 @@ class EngineConfig:
     int4_max_rows: int = 8
     # Steps of at most this many token rows run on one CPU thread (0: always all threads).
     single_thread_rows: int = 8
-    # This engine's CPU threads (None: as many as the thread that makes the engine has). Set on
-    # the thread that steps the engine only, never process-wide (engine/cpu_threads.py).
-    threads: int | None = None
-    # Each request's tokens and logprobs are the same whatever else is in the batch, at a cost
-    # in speed (model/batch_invariant.py; README "Batch invariance").
-    batch_invariant: bool = False
 
 
 class LLMEngine:
     def __init__(self, model, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype, name: str = "",
                  config: EngineConfig = EngineConfig()):
         self.runner = ModelRunner(model, device, dtype, config.kv_cache_tokens, config.block_size,
-                                  config.single_thread_rows, config.batch_invariant, config.threads)
+                                  config.single_thread_rows)
         self.tokenizer = tokenizer
         self.config = model.config
         self.engine_config = config
@@ -96,7 +99,7 @@ class LLMEngine:
         self.context_len = min(self.config.max_seq_len, config.max_model_len or self.config.max_seq_len)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens, config.max_queued,
-                                   config.queue_timeout, self.runner.key_cost)
+                                   config.queue_timeout, key_cost(model.config))
         self.sampler = Sampler()
         self.processor = OutputProcessor(tokenizer, min(self.context_len, self.kv_capacity_tokens))
         # Told of what happens, from whichever thread steps the engine: on_request(prompt_tokens),

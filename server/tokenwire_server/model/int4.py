@@ -17,8 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import batch_invariant
-
 GROUP = 32  # inputs per scale in Q4_0 and Q4_1
 
 
@@ -63,20 +61,9 @@ class Int4Linear(nn.Module):
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = batch_invariant.current()
-        if plan is None:  # the fastest path for the step's size
-            return self._int4(x) if x.shape[0] <= self.max_rows else F.linear(x, self.weight)
-        # Batch-invariant: by position (generated rows first), never by the step's size. The
-        # 4-bit kernel computes each row alike for any number of rows (no padding needed).
-        q = plan.quantized
-        if q <= 0:
-            return batch_invariant.linear(x, self.weight)
-        if q >= x.shape[0]:
-            return self._int4(x)
-        return torch.cat([self._int4(x[:q]), batch_invariant.linear(x[q:], self.weight)])
-
-    def _int4(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
+        if x.shape[0] <= self.max_rows:
+            return torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
+        return F.linear(x, self.weight)
 
 
 def attach(model: nn.Module, weights: dict[str, Q4Weight], max_rows: int) -> int:

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch_invariant import Linear  # pads rows in batch-invariant mode
 from .config import ModelConfig
 from .kv_cache import AttentionMetadata, attention
 
@@ -59,10 +58,10 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wv = Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wo = Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, layer: int):
         N = x.shape[0]
@@ -77,9 +76,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w1 = Linear(config.dim, config.hidden_dim, bias=False)  # gate
-        self.w2 = Linear(config.hidden_dim, config.dim, bias=False)  # down
-        self.w3 = Linear(config.dim, config.hidden_dim, bias=False)  # up
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)  # down
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # up
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -107,7 +106,7 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = Linear(config.dim, config.vocab_size, bias=False)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._inv_freq: torch.Tensor | None = None  # built on first use, on the input's device
 
     def tie_weights(self):
@@ -126,7 +125,7 @@ class Llama(nn.Module):
         """tokens, positions: (N,) flat over the batch's sequences. logits_indices: the rows
         whose logits are wanted (the output head is skipped elsewhere). Returns float32 (M, V).
         Without metadata, the tokens are one sequence attending to itself (no cache)."""
-        meta = meta or AttentionMetadata.uncached(positions, self.tok_embeddings.weight.dtype)
+        meta = meta or AttentionMetadata.uncached(positions)
         x = self.tok_embeddings(tokens)  # (N, dim)
         cos, sin = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):
