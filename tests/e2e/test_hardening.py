@@ -169,7 +169,7 @@ def test_detokenize_of_two_million_ids_leaves_health_responsive(busy_server):
         response, took, worst = while_running(
             lambda: stub.Detokenize(pb.DetokenizeRequest(ids=ids), timeout=300), address)
     assert len(response.text) > 2_000_000
-    assert worst[address] < min(0.5, took / 2), f"health took {worst[address]:.2f}s during a {took:.2f}s Detokenize"
+    assert worst[address] < min(1.0, took / 2), f"health took {worst[address]:.2f}s during a {took:.2f}s Detokenize"
 
 
 def test_long_text_truncated_to_a_few_tokens_leaves_health_responsive(busy_server):
@@ -179,7 +179,7 @@ def test_long_text_truncated_to_a_few_tokens_leaves_health_responsive(busy_serve
         stub = pb_grpc.TokenwireStub(channel)
         response, took, worst = while_running(lambda: stub.Tokenize(request, timeout=300), address)
     assert response.results[0].token_count == 100 and response.results[0].original_token_count > 50_000
-    assert worst[address] < min(0.5, took / 2), f"health took {worst[address]:.2f}s during a {took:.2f}s Tokenize"
+    assert worst[address] < min(1.0, took / 2), f"health took {worst[address]:.2f}s during a {took:.2f}s Tokenize"
 
 
 def test_health_port_answers_while_the_event_loop_is_blocked(busy_server):
