@@ -15,6 +15,9 @@ class InvalidArgument(TokenwireError, ValueError):
         self.field = field
         self.description = message
 
+    def __reduce__(self):  # raised in a worker process (api/text_workers.py), re-raised here
+        return type(self), (self.field, self.description)
+
 
 class CheckpointError(TokenwireError):
     """A checkpoint is missing, corrupt, truncated or of an unsupported kind."""
@@ -36,6 +39,10 @@ class EngineUnavailable(TokenwireError):
     """The engine is not serving (still loading, or shutting down)."""
 
     expected = True
+
+
+class WorkerLost(EngineUnavailable):
+    """A worker process stopped while it held the call's work (api/text_workers.py)."""
 
 
 class DeadlineExceeded(TokenwireError):

@@ -100,7 +100,7 @@ class TokenwireServer:
         self.metrics.set_model(engine.name, engine.config.architecture,
                                str(engine.runner.dtype).removeprefix("torch."), str(engine.runner.device))
         self.engine.start()
-        self.servicer.attach(self.engine)
+        await asyncio.to_thread(self.servicer.attach, self.engine)
         await self._set_readiness(health_pb2.HealthCheckResponse.SERVING)
 
     async def drain(self, timeout: float) -> None:
@@ -117,6 +117,7 @@ class TokenwireServer:
             await asyncio.to_thread(self.health_server.stop(0).wait)
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
+        self.servicer.close()
         await asyncio.to_thread(self.metrics.close)
 
     def _engine_died(self) -> None:

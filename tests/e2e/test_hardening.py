@@ -160,6 +160,33 @@ def test_huge_tokenize_leaves_health_and_streams_responsive(busy_server):
                                      f"during a {took:.1f}s Tokenize"
 
 
+def test_a_dead_text_worker_fails_only_its_call(busy_server):
+    """Tokenize runs in worker processes: one killed mid-call (say, by the OOM killer) fails
+    that call with UNAVAILABLE; streams go on, health stays SERVING, the next call works."""
+    address = busy_server.address
+    request = pb.TokenizeRequest(texts=[text_of(30_000, seed) for seed in range(256)], return_tokens=True)
+    stream = Stream(address)
+    try:
+        stream.wait_started()
+        with grpc.insecure_channel(address, options=BIG) as channel:
+            stub = pb_grpc.TokenwireStub(channel)
+            call = stub.Tokenize.future(request, timeout=120)
+            time.sleep(1.0)  # the workers are busy with it
+            assert not call.done()
+            for pid in busy_server.server.servicer.text_workers.pids:
+                os.kill(pid, signal.SIGKILL)
+            assert call.exception(60).code() == grpc.StatusCode.UNAVAILABLE
+            assert "worker" in call.exception().details()
+            before = len(stream.times)
+            again = stub.Tokenize(pb.TokenizeRequest(texts=["hello world"]), timeout=60)
+            assert list(again.results[0].ids) == busy_server.llm.tokenizer.encode("hello world")
+        assert check_health(address) < 1.0
+        time.sleep(0.5)
+        assert len(stream.times) > before, "the stream stopped"
+    finally:
+        stream.close()
+
+
 def test_detokenize_of_two_million_ids_leaves_health_responsive(busy_server):
     address = busy_server.address
     rng = random.Random(0)

@@ -14,7 +14,6 @@ from ..engine.sampling_params import SEEDS
 from ..errors import InvalidArgument
 from ..limits import Limits
 from ..tokenizer import Tokenizer
-from ..tokenizer.offsets import token_spans
 
 # SamplingParams field -> where it lives in a GenerateRequest.
 _PARAM_PATHS = {
@@ -47,32 +46,6 @@ def check_text(text: str, field: str, limits: Limits) -> None:
         raise InvalidArgument(field, "is empty")
     if len(text) > limits.max_input_chars:
         raise InvalidArgument(field, f"{len(text)} characters, at most {limits.max_input_chars} allowed")
-
-
-def check_batch(n: int, field: str, limits: Limits) -> None:
-    if n == 0:
-        raise InvalidArgument(field, "at least one is required")
-    if n > limits.max_batch_items:
-        raise InvalidArgument(field, f"{n} given, at most {limits.max_batch_items} per request")
-
-
-# ---- Tokenize ----
-
-def tokenize_result(prefix: list[int], ids: list[int], token_bytes, text: str, keep: int | None,
-                    return_tokens: bool) -> pb.TokenizeResult:
-    """prefix: added special tokens (empty spans); ids: the text's own tokens."""
-    all_ids = prefix + ids
-    first = 0 if keep is None else max(0, len(all_ids) - keep)
-    result = pb.TokenizeResult(ids=all_ids[first:], token_count=len(all_ids) - first,
-                               original_token_count=len(all_ids))
-    if return_tokens:
-        pieces = [token_bytes(t) for t in ids]
-        spans = [pb.TokenSpan(text=token_bytes(t).decode("utf-8", "replace")) for t in prefix]
-        spans += [pb.TokenSpan(text=piece.decode("utf-8", "replace"), byte_start=bs, byte_end=be,
-                               char_start=cs, char_end=ce)
-                  for piece, (bs, be, cs, ce) in zip(pieces, token_spans(pieces, text))]
-        result.tokens.extend(spans[first:])
-    return result
 
 
 # ---- Generate ----
@@ -190,7 +163,7 @@ def final(out: RequestOutput) -> pb.GenerateResponse:
 
 def score_items(req: pb.ScoreRequest, engine: LLMEngine, limits: Limits) -> list[tuple[list[int], int, str]]:
     """Each item as (token ids, index of the first scored token, field)."""
-    check_batch(len(req.items), "items", limits)
+    limits.check_batch(len(req.items), "items")
     if req.top_n > limits.max_top_n:
         raise InvalidArgument("top_n", f"must be in [0, {limits.max_top_n}], got {req.top_n}")
     tok, items = engine.tokenizer, []

@@ -1,15 +1,14 @@
-"""CPU-bound request work (tokenizing, detokenizing, rendering chat templates, building and
-serializing big responses) runs here, never on the event loop: the loop must stay free to
+"""CPU-bound request work (a Generate's prompt and chat template, Score's inputs and its
+response) runs here, never on the event loop (Tokenize and Detokenize, whose per-token Python
+is longer, run in processes: api/text_workers.py): the loop must stay free to
 move other streams' bytes and answer health checks.
 
 Two lanes, each a small pool of threads, so at most that many jobs run at once whatever the
 traffic; the rest wait in the queue, costing no CPU, and a queued job whose call is cancelled
 is dropped unrun.
-- `run`: bulk work (Tokenize, Detokenize, Score) on WORKERS threads at a lower CPU priority
-  (nice +NICE on Linux). Python work holds the GIL, and a busy thread at normal priority wins
-  it from the engine thread, which gives it up around every torch call: measured, a stream
-  beside a 256 x 30,000-character Tokenize waited 6.65 s between tokens at nice 0 and at most
-  0.6 s at nice +10.
+- `run`: bulk work (Score) on WORKERS threads at a lower CPU priority (nice +NICE on
+  Linux), so that on busy cores the engine comes first. The priority does not help against
+  the GIL: long Python work belongs in a process.
 - `prepare`: a Generate's prompt (encoding, chat template) on threads of normal priority,
   so a flood of bulk work never delays a generation's start."""
 

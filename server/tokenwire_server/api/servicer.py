@@ -10,12 +10,12 @@ from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
 
 from ..engine.async_engine import AsyncEngine
-from ..errors import EngineUnavailable, InvalidArgument, ResponseTooLarge
-from ..limits import MAX_SEND_BYTES, Limits
-from ..tokenizer import named_encoding
-from . import calls, convert, offload
+from ..errors import EngineUnavailable
+from ..limits import Limits
+from . import calls, convert, offload, text_workers
 from .calls import note
 from .errors import rpc_errors
+from .text_workers import TextWorkers
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tokenwire"].full_name
 
@@ -40,9 +40,18 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
         self.log_prompts = log_prompts  # request log lines carry the prompt text
         self._engine: AsyncEngine | None = None  # attached once the model has loaded
         self.draining = False  # shutting down: new calls are turned away
+        self.text_workers: TextWorkers | None = None  # Tokenize and Detokenize run there
 
-    def attach(self, engine: AsyncEngine | None) -> None:
+    def attach(self, engine: AsyncEngine) -> None:
+        """Serve this engine; blocks while the text workers start (before readiness: no call
+        waits for a process to start, and their start-up does not slow the engine's streams)."""
+        self.text_workers = TextWorkers(engine.engine.tokenizer, self.limits)
+        self.text_workers.start()
         self._engine = engine
+
+    def close(self) -> None:
+        if self.text_workers is not None:
+            self.text_workers.close()
 
     @property
     def engine(self) -> AsyncEngine:
@@ -56,61 +65,19 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
 
     @rpc_errors
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> bytes:
-        tok = self.engine.engine.tokenizer  # here, so a loading or draining server answers at once
-        return await offload.run(self._tokenize, request, tok)
-
-    def _tokenize(self, request: pb.TokenizeRequest, tok) -> bytes:
-        """The TokenizeResponse, serialized (see _serialized)."""
-        convert.check_batch(len(request.texts), "texts", self.limits)
-        encoding = named_encoding(request.encoding) if request.encoding else None
-        keep = request.truncate_input_tokens if request.HasField("truncate_input_tokens") else None
-        if keep is not None and keep < 1:
-            raise InvalidArgument("truncate_input_tokens", "must be >= 1")
-        encoded = []
-        for i, text in enumerate(request.texts):
-            if len(text) > self.limits.max_input_chars:
-                raise InvalidArgument(f"texts[{i}]", f"more than {self.limits.max_input_chars} characters")
-            if encoding is not None:  # counting for another model: no special tokens added
-                prefix, token_bytes = [], encoding.decode_single_token_bytes
-                ids = (encoding.encode(text, allowed_special="all") if request.allow_special
-                       else encoding.encode_ordinary(text))
-            else:
-                prefix, token_bytes = tok.prefix_ids(request.add_special_tokens), tok.token_bytes
-                ids = tok.encode(text, add_special_tokens=False, allow_special=request.allow_special)
-            encoded.append((prefix, ids, token_bytes, text))
-        # Encoding is fast; token spans are not: refuse a response that cannot be sent before
-        # building it (each kept id takes at least 1 byte, each span at least 9).
-        kept = sum(min(len(p) + len(ids), keep or len(p) + len(ids)) for p, ids, _, _ in encoded)
-        at_least = kept * (10 if request.return_tokens else 1)
-        if at_least > MAX_SEND_BYTES:
-            raise ResponseTooLarge(f"the response would take over {at_least >> 20} MiB, more than the "
-                                   f"{MAX_SEND_BYTES >> 20} MiB a response may; send fewer texts per call"
-                                   + (" or leave return_tokens off" if request.return_tokens else ""))
-        results, tokens, size = [], 0, 0
-        for prefix, ids, token_bytes, text in encoded:
-            result = convert.tokenize_result(prefix, ids, token_bytes, text, keep, request.return_tokens)
-            tokens += result.original_token_count
-            results.append(_serialized(pb.TokenizeResponse, result))
-            size += len(results[-1])
-            if size > MAX_SEND_BYTES:
-                raise ResponseTooLarge(f"the response would take over {MAX_SEND_BYTES >> 20} MiB, more than a "
-                                       "response may; send fewer texts per call")
+        response, tokens = await self._text_workers().call(text_workers.tokenize, request)
         note(prompt_tokens=tokens, prompt=list(request.texts) if self.log_prompts else None)
-        return b"".join(results)
+        return response
 
     @rpc_errors
-    async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
-        tok = self.engine.engine.tokenizer
-        return await offload.run(self._detokenize, request, tok)
+    async def Detokenize(self, request: pb.DetokenizeRequest, context) -> bytes:
+        response, ids = await self._text_workers().call(text_workers.detokenize, request)
+        note(prompt_tokens=ids)
+        return response
 
-    @staticmethod
-    def _detokenize(request: pb.DetokenizeRequest, tok) -> pb.DetokenizeResponse:
-        note(prompt_tokens=len(request.ids))
-        for i, t in enumerate(request.ids):
-            if not tok.is_valid_id(t):
-                raise InvalidArgument(f"ids[{i}]", f"token id {t} is not in the vocabulary")
-        ids = [t for t in request.ids if not (request.skip_special_tokens and t in tok.special_ids)]
-        return pb.DetokenizeResponse(text=tok.decode(ids))
+    def _text_workers(self) -> TextWorkers:
+        _ = self.engine  # raises at once while loading or draining
+        return self.text_workers
 
     @rpc_errors
     async def Generate(self, request: pb.GenerateRequest, context):

@@ -36,6 +36,9 @@ class ChatTemplate:
         self.source = source
         self._tokens = {"bos_token": bos_token, "eos_token": eos_token}
 
+    def __reduce__(self):  # the compiled template does not pickle; its source does
+        return type(self), (self.source, self._tokens["bos_token"], self._tokens["eos_token"])
+
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not messages:
             raise InvalidArgument("messages", "at least one message is required")
