@@ -103,6 +103,29 @@ def test_small_steps_run_on_one_thread(make_engine, tokenizer):
     assert [threads for _, threads in seen[1:]] == [1, 1]  # decodes: one thread
 
 
+def test_two_engines_in_a_process_keep_their_own_thread_counts(make_engine, tokenizer):
+    """torch's thread count is partly process-wide: an engine made for one thread, stepping
+    small steps, must not leave another engine's steps on one thread (nor the other way)."""
+    import torch
+
+    original = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = make_engine(kv_cache_tokens=1024, single_thread_rows=8)
+        torch.set_num_threads(2)
+        two = make_engine(kv_cache_tokens=1024, single_thread_rows=0)
+        seen = []
+        hook = one.runner.model.register_forward_pre_hook(lambda m, args: seen.append(torch.get_num_threads()))
+        prompt = tokenizer.encode("One two three four five six seven eight nine ten eleven twelve")
+        params = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True)
+        for engine in (one, two, one, two):  # the same model: the hook sees both engines' steps
+            list(engine.generate(prompt, params))
+        hook.remove()
+    finally:
+        torch.set_num_threads(original)
+    assert seen == [1, 1] + [2, 2] + [1, 1] + [2, 2]
+
+
 def test_library_generate_applies_stop_sequences_and_time_limits(engine, tokenizer):
     """The synchronous path shares the server's output processor: text, stop strings, time limits."""
     prompt = tokenizer.encode("The days of the week are Monday,")

@@ -177,6 +177,30 @@ def test_a_chunk_costing_more_than_is_left_with_the_default_key_cost():
     assert out.preempted == [b] and plan(out)[:1] == [(a, 1)]
 
 
+def test_a_long_prompt_beside_a_stream_never_takes_a_step_longer_than_its_budget():
+    """Issue 9, item 1: an 8,191-token prompt's late chunks attend to thousands of keys; with
+    chunks sized in tokens alone, one step cost ~9x the budget and a running stream waited
+    seconds between two tokens. Chunks are sized in work: no step costs more than the first
+    full chunk of a prompt (a token attending to K keys costs 1 + K * key_cost; the default
+    model's key_cost is about 1/1000), and the prompt still finishes, in more, smaller chunks."""
+    key_cost, budget = 0.001, 512
+    first_chunk = budget * (1 + budget * key_cost)
+    sched = Scheduler(BlockManager(1024, 16), max_num_seqs=4, max_batched_tokens=budget, key_cost=key_cost)
+    stream, prompt = seq([1] * 20), seq([2] * 8191)
+    sched.add(stream)
+    step(sched)
+    sched.add(prompt)
+    steps = 0
+    while not prompt.output_ids:  # until its prefill is done
+        starts = {id(s): s.num_computed for s in sched.running + list(sched.waiting)}
+        out = step(sched)
+        steps += 1
+        assert (stream, 1) in plan(out)  # the stream gets its token every step
+        cost = sum(n if n == 1 else n * (1 + (starts[id(s)] + n) * key_cost) for s, n in plan(out))
+        assert cost <= first_chunk + 1e-6, f"step {steps}: {[n for _, n in plan(out)]} costs {cost:.0f}"
+    assert 16 < steps < 200
+
+
 def test_queue_limit():
     sched = Scheduler(BlockManager(32, BS), max_queued=2)
     sched.add(seq([1]))

@@ -71,7 +71,11 @@ class ModelRunner:
         if decode_rows:
             lengths = torch.tensor([n for _, n in decode_rows], device=dev)
             S = int(lengths.max())
-            meta.decode_key_slots = self._slots(self._tables([s for s, _ in decode_rows]), S)
+            # A shorter row's padded positions repeat its last key: masked out, they still
+            # must hold numbers (probability 0 x NaN is NaN), and unwritten slots may not.
+            pos = torch.minimum(torch.arange(S, device=dev)[None], lengths[:, None] - 1)
+            tables = self._tables([s for s, _ in decode_rows])
+            meta.decode_key_slots = tables.gather(1, pos // bs) * bs + pos % bs
             meta.decode_mask = (torch.arange(S, device=dev)[None] < lengths[:, None])[:, None]
         for row, n, seq, start in segments:
             K = start + n
@@ -90,13 +94,14 @@ class ModelRunner:
         from more, and every parallel region waits for its slowest thread, which costs most
         when other work (the gRPC loop, a client) shares the cores. Measured through the
         server at concurrency 1: 30.0 tokens/s on one thread for such steps against 18.7 on two."""
-        if self.device.type != "cpu" or rows > self.single_thread_rows:
+        if self.device.type != "cpu":
             yield
             return
-        # torch's count is partly process-wide (a thread adopts it at its first parallel op):
-        # restore this engine's own count, never one read back, so two engines in a process
-        # cannot restore each other's switch.
-        torch.set_num_threads(1)
+        # torch's count is partly process-wide: a thread adopts the last one set anywhere at
+        # its first parallel op. So every step sets this engine's own count (never one read
+        # back), and a small step restores it after: another engine in the process, or a
+        # thread that set its own, cannot change the threads this engine's steps run on.
+        torch.set_num_threads(1 if rows <= self.single_thread_rows else self.threads)
         try:
             yield
         finally:

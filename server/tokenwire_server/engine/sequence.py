@@ -3,7 +3,6 @@ the engine thread touches it; the outside sees EngineRequest in and RequestOutpu
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field
