@@ -9,7 +9,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
+
+from .test_replicas import free_ports
 
 BIG = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be "
@@ -373,16 +374,6 @@ def test_stop_token_ids_are_limited(served):
             assert "at most 64" in e.value.details()
         assert generate(64)
         assert stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).limits.max_stop_token_ids == 64
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def health_status(address: str, service: str) -> str | None:
