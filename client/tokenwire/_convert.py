@@ -117,4 +117,5 @@ def model_info(r: pb.ModelInfoResponse) -> ModelInfo:
                      list(r.end_token_ids), r.has_chat_template, r.dtype, r.device,
                      ServerLimits(lim.max_new_tokens, lim.default_max_new_tokens, lim.max_stop_sequences,
                                   lim.max_stop_sequence_chars, lim.max_top_n, lim.max_batch_items,
-                                  lim.max_input_chars, lim.max_samples))
+                                  lim.max_input_chars, lim.max_samples, lim.max_stop_token_ids),
+                     r.batch_invariant)

@@ -103,6 +103,7 @@ class ServerLimits:
     max_batch_items: int
     max_input_chars: int
     max_samples: int
+    max_stop_token_ids: int
 
 
 @dataclass
@@ -117,3 +118,4 @@ class ModelInfo:
     dtype: str
     device: str
     limits: ServerLimits
+    batch_invariant: bool  # tokens and logprobs do not depend on the rest of the batch

@@ -73,7 +73,7 @@ def cmd_serve(args) -> None:
                           max_batched_tokens=args.max_batched_tokens, max_queued=args.max_queued_requests,
                           queue_timeout=args.queue_timeout, prefix_caching=not args.no_prefix_caching,
                           max_model_len=args.max_model_len, int4_max_rows=args.int4_max_rows,
-                          single_thread_rows=args.single_thread_rows)
+                          single_thread_rows=args.single_thread_rows, batch_invariant=args.batch_invariant)
     asyncio.run(serve(model_path, host=args.host, port=args.port, dtype=args.dtype,
                       device=args.device, name=args.model if args.model in registry.REGISTRY else "",
                       limits=limits, engine_config=config, drain_timeout=args.drain_timeout,
@@ -168,6 +168,9 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
     eng.add_argument("--queue-timeout", type=float, help="seconds a request may wait before it fails")
     eng.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     eng.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+    eng.add_argument("--batch-invariant", action="store_true",
+                     help="a request's tokens and logprobs do not depend on what else is in the batch "
+                          "(slower; see the README)")
     eng.add_argument("--single-thread-rows", type=int, default=8,
                      help="steps of at most this many tokens run on one CPU thread (small operations lose "
                           "more to thread synchronisation than they gain; 0: always --threads)")

@@ -5,13 +5,15 @@ baseline) and one from this checkout, alternating, at concurrency 1 and 32.
     .venv/bin/python tests/benchmarks/compare_bench.py --baseline /tmp/base [--rounds 3] [-- serve flags]
 
 Both servers run the default model with the same flags; the same client (this checkout's)
-drives both. Prints the median of the rounds and the ratio after / before."""
+drives both. Prints the median of the rounds and the ratio after / before. To price a flag,
+compare this checkout with itself: --baseline . --after-flags=--batch-invariant"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -65,14 +67,16 @@ def main() -> None:
     ap.add_argument("--requests-1", type=int, default=4)
     ap.add_argument("--requests-32", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=128, help="prompt and output tokens")
+    ap.add_argument("--after-flags", default="", help="serve flags for the 'after' server only")
     ap.add_argument("flags", nargs="*", help="serve flags for both servers (after --)")
     args = ap.parse_args()
     trees = {"before": args.baseline.resolve(), "after": HERE}
+    flags = {"before": args.flags, "after": args.flags + shlex.split(args.after_flags)}
     results = {(name, c): [] for name in trees for c in (1, 32)}
     for i in range(args.rounds):
         for concurrency, requests in ((1, args.requests_1), (32, args.requests_32)):
             for name, tree in trees.items():
-                m = measure(tree, args.flags, concurrency, requests, args.tokens)
+                m = measure(tree, flags[name], concurrency, requests, args.tokens)
                 results[name, concurrency].append(m)
                 print(f"round {i + 1} {name} c={concurrency}: {m}", file=sys.stderr)
     print(f"\nmedians of {args.rounds} rounds ({args.tokens}-token prompts, {args.tokens} new tokens)")

@@ -11,6 +11,7 @@ from gguf.quants import dequantize, quantize
 from tokenwire_server.engine import LLMEngine, SamplingParams
 from tokenwire_server.engine.llm_engine import EngineConfig
 from tokenwire_server.model.int4 import Int4Linear, Q4Weight, unpack
+from tokenwire_server.model.linear import batch_invariant
 from tokenwire_server.model.loader import load_model
 
 from .test_gguf_types import VOCAB, write_gguf
@@ -59,6 +60,20 @@ def test_int4_linear_picks_its_kernel_by_rows():
     small.weight.data[0, 0] += 1.0  # proves which weight the large batch reads
     x = torch.randn(5, dense.shape[1])
     torch.testing.assert_close(small(x), F.linear(x, small.weight), atol=0, rtol=0)
+
+
+def test_batch_invariant_steps_take_the_4bit_kernel_at_every_size_and_rows_keep_their_bits():
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, 16, (256, 576)).astype(np.uint8)
+    scale = rng.uniform(0.005, 0.02, (256, 576 // 32)).astype(np.float32)
+    q4 = Q4Weight(codes, scale, -8 * scale)
+    linear = torch.nn.Linear(576, 256, bias=False).to(torch.bfloat16)
+    layer = Int4Linear(linear, q4, max_rows=4)
+    x = torch.randn(300, 576).to(torch.bfloat16)
+    with torch.inference_mode(), batch_invariant():
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(0, 300, 11)])
+        for n in (2, 5, 64, 300):  # past max_rows too: still the 4-bit kernel, the same bits
+            assert torch.equal(layer(x[:n])[::11], alone[:len(range(0, n, 11))]), n
 
 
 def test_bfloat16_engine_uses_4bit_weights(model_path, engine):

@@ -30,16 +30,18 @@ def test_cached_decode_matches_recompute(engine, tokenizer):
     check_against_recompute(engine, prompt, steps)
 
 
-def test_chunked_prefill_matches_recompute(make_engine, tokenizer):
-    small_steps = make_engine(kv_cache_tokens=1024, block_size=4, max_batched_tokens=5)
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_chunked_prefill_matches_recompute(make_engine, tokenizer, batch_invariant):
+    small_steps = make_engine(kv_cache_tokens=1024, block_size=4, max_batched_tokens=5, batch_invariant=batch_invariant)
     prompt = tokenizer.encode("A long prompt, prefilled five tokens at a time across several engine steps.")
     steps = list(small_steps.generate(prompt, SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True,
                                                              top_n=5)))
     check_against_recompute(small_steps, prompt, steps)
 
 
-def test_batched_sequences_at_different_positions(make_engine, tokenizer):
-    eng = make_engine(kv_cache_tokens=2048, block_size=8, max_batched_tokens=64)
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_batched_sequences_at_different_positions(make_engine, tokenizer, batch_invariant):
+    eng = make_engine(kv_cache_tokens=2048, block_size=8, max_batched_tokens=64, batch_invariant=batch_invariant)
     prompts = ["Hello", "A much longer prompt that has quite a few more tokens in it than the others",
                "Numbers: 1, 2, 3,"]
     requests = [EngineRequest(str(i), tuple(tokenizer.encode(p)), SamplingParams(
@@ -68,12 +70,13 @@ def test_prefix_cache_hit_gives_same_output(make_engine, tokenizer):
     check_against_recompute(eng, prompt, out2)
 
 
-def test_padded_decode_ignores_garbage_in_unused_slots(make_engine, tokenizer):
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_padded_decode_ignores_garbage_in_unused_slots(make_engine, tokenizer, batch_invariant):
     """Decode rows of different lengths read as many slots as the longest: the padded ones are
     the unwritten tail of a row's last block and block 0 standing in for missing blocks. They
     hold whatever the memory held (torch.empty, an evicted prefix), so fill every slot of every
     layer with NaN first: outputs must stay finite and equal a whole-sequence recompute."""
-    eng = make_engine(kv_cache_tokens=512, block_size=16, max_batched_tokens=256)
+    eng = make_engine(kv_cache_tokens=512, block_size=16, max_batched_tokens=256, batch_invariant=batch_invariant)
     for t in eng.runner.cache.k + eng.runner.cache.v:
         t.fill_(float("nan"))
     prompts = ["Hi", "Numbers: 1, 2, 3,",

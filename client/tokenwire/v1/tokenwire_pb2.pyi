@@ -322,7 +322,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("name", "architecture", "parameter_count", "context_length", "vocab_size", "end_token_ids", "has_chat_template", "dtype", "device", "limits")
+    __slots__ = ("name", "architecture", "parameter_count", "context_length", "vocab_size", "end_token_ids", "has_chat_template", "dtype", "device", "limits", "batch_invariant")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -333,6 +333,7 @@ class ModelInfoResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_INVARIANT_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     parameter_count: int
@@ -343,7 +344,8 @@ class ModelInfoResponse(_message.Message):
     dtype: str
     device: str
     limits: ServerLimits
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., end_token_ids: _Optional[_Iterable[int]] = ..., has_chat_template: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
+    batch_invariant: bool
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., end_token_ids: _Optional[_Iterable[int]] = ..., has_chat_template: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., batch_invariant: _Optional[bool] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_chars", "max_top_n", "max_batch_items", "max_input_chars", "max_samples", "max_stop_token_ids")

@@ -131,4 +131,5 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
                                    max_stop_sequence_chars=lim.max_stop_sequence_chars,
                                    max_stop_token_ids=lim.max_stop_token_ids,
                                    max_top_n=lim.max_top_n, max_batch_items=lim.max_batch_items,
-                                   max_input_chars=lim.max_input_chars, max_samples=lim.max_samples))
+                                   max_input_chars=lim.max_input_chars, max_samples=lim.max_samples),
+            batch_invariant=llm.engine_config.batch_invariant)

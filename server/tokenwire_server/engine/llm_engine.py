@@ -85,13 +85,17 @@ class EngineConfig:
     int4_max_rows: int = 8
     # Steps of at most this many token rows run on one CPU thread (0: always all threads).
     single_thread_rows: int = 8
+    # A request's tokens and logprobs do not depend on what else is in the batch: no kernel
+    # it meets changes with the step's size (model/linear.py, kv_cache.tiled_attention, the
+    # 4-bit kernel at every size). Costs speed; see the README.
+    batch_invariant: bool = False
 
 
 class LLMEngine:
     def __init__(self, model, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype, name: str = "",
                  config: EngineConfig = EngineConfig()):
         self.runner = ModelRunner(model, device, dtype, config.kv_cache_tokens, config.block_size,
-                                  config.single_thread_rows)
+                                  config.single_thread_rows, config.batch_invariant)
         self.tokenizer = tokenizer
         self.config = model.config
         self.engine_config = config

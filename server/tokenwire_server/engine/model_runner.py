@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..model import linear
 from ..model.kv_cache import AttentionMetadata, KVCache, Segment
 from .scheduler import ScheduledSequence
 
@@ -22,11 +23,18 @@ class LogitsSpan:
     first: int
 
 
+KEY_TILE = 64
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, kv_cache_tokens: int = 65536,
-                 block_size: int = 16, single_thread_rows: int = 0):
+                 block_size: int = 16, single_thread_rows: int = 0, batch_invariant: bool = False):
         self.model, self.device, self.dtype = model, device, dtype
         self.single_thread_rows = single_thread_rows
+        # Batch invariance: products in padded rows (model/linear.py), attention in tiles of keys
+        # (kv_cache.tiled_attention).
+        self.batch_invariant = batch_invariant
+        self.key_tile = KEY_TILE if batch_invariant else 0
         self.threads = torch.get_num_threads()  # this engine's count, restored after small steps
         self.config = c = model.config
         self.block_size = block_size
@@ -37,9 +45,12 @@ class ModelRunner:
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def _slots(self, tables: torch.Tensor, length: int) -> torch.Tensor:
-        """Slots of positions 0..length-1 for each row of block tables (R, max_blocks) -> (R, length)."""
-        pos = torch.arange(length, device=self.device)
+    def _key_count(self, keys: int) -> int:
+        """How many keys attention reads for `keys` real ones: rounded up to whole key tiles."""
+        return -(-keys // self.key_tile) * self.key_tile if self.key_tile else keys
+
+    def _slots(self, tables: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Slots of positions `pos` (P,) for each row of block tables (R, max_blocks) -> (R, P)."""
         return tables[:, pos // self.block_size] * self.block_size + pos % self.block_size
 
     @torch.inference_mode()
@@ -67,10 +78,10 @@ class ModelRunner:
             else:
                 segments.append((row, n, seq, start))
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), num_decodes=len(decode_rows),
-                                 cache=self.cache)
+                                 cache=self.cache, key_tile=self.key_tile)
         if decode_rows:
             lengths = torch.tensor([n for _, n in decode_rows], device=dev)
-            S = int(lengths.max())
+            S = self._key_count(int(lengths.max()))
             # A shorter row's padded positions repeat its last key: masked out, they still
             # must hold numbers (probability 0 x NaN is NaN), and unwritten slots may not.
             pos = torch.minimum(torch.arange(S, device=dev)[None], lengths[:, None] - 1)
@@ -78,12 +89,14 @@ class ModelRunner:
             meta.decode_key_slots = tables.gather(1, pos // bs) * bs + pos % bs
             meta.decode_mask = (torch.arange(S, device=dev)[None] < lengths[:, None])[:, None]
         for row, n, seq, start in segments:
-            K = start + n
-            key_slots = self._slots(self._tables([seq]), K)[0]
-            q_pos = torch.arange(start, K, device=dev)
+            K = self._key_count(start + n)
+            # Padded positions repeat the last key, as for decode rows above.
+            pos = torch.arange(K, device=dev).clamp(max=start + n - 1)
+            key_slots = self._slots(self._tables([seq]), pos)[0]
+            q_pos = torch.arange(start, start + n, device=dev)
             mask = (torch.arange(K, device=dev)[None] <= q_pos[:, None])[None, None]
             meta.segments.append(Segment(row, row + n, key_slots, mask))
-        with self._threads_for(len(tokens)):
+        with self._threads_for(len(tokens)), linear.batch_invariant(self.batch_invariant):
             logits = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), meta,
                                 torch.tensor(wanted, dtype=torch.long, device=dev))
         return logits, spans

@@ -8,14 +8,15 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import AttentionMetadata, attention
+from .linear import Linear
 
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.c_attn = nn.Linear(config.dim, 3 * config.dim)  # q, k, v in one projection
-        self.c_proj = nn.Linear(config.dim, config.dim)
+        self.c_attn = Linear(config.dim, 3 * config.dim)  # q, k, v in one projection
+        self.c_proj = Linear(config.dim, config.dim)
 
     def forward(self, x, meta: AttentionMetadata, layer: int):
         N, C = x.shape
@@ -27,8 +28,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.dim, config.hidden_dim)
-        self.c_proj = nn.Linear(config.hidden_dim, config.dim)
+        self.c_fc = Linear(config.dim, config.hidden_dim)
+        self.c_proj = Linear(config.hidden_dim, config.dim)
 
     def forward(self, x):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
@@ -57,7 +58,7 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(config.max_seq_len, config.dim)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.dim, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
 
     def tie_weights(self):
         self.lm_head.weight = self.wte.weight

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .linear import pad_rows
+
 
 class KVCache:
     def __init__(self, n_layers: int, num_slots: int, n_kv_heads: int, head_dim: int,
@@ -46,6 +48,9 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # (D, 1, S) bool: real keys
     segments: list[Segment] = field(default_factory=list)
     cache: KVCache | None = None
+    # Batch-invariant attention (see tiled_attention): key counts are padded to multiples of
+    # this, and every query row is computed the same way wherever it sits. 0: the fast kernels.
+    key_tile: int = 0
 
     @classmethod
     def uncached(cls, positions: torch.Tensor) -> AttentionMetadata:
@@ -66,6 +71,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, met
         v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     out = torch.empty_like(q)
     D = meta.num_decodes
+    if meta.key_tile:
+        _tiled(q, k_cache, v_cache, meta, out)
+        return out
     if D:
         # One query per row: plain 3-D batched matmuls, one batch entry per (kv head, row),
         # with the query heads that share a kv head as its rows. About 7x faster than the
@@ -73,9 +81,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, met
         # still (measured: 4.9 ms against 0.33 ms per layer at 32 rows of 256 keys).
         nh, nkv, hd = q.shape[1], k.shape[1], q.shape[2]
         g, S = nh // nkv, meta.decode_key_slots.shape[1]
-        flat = meta.decode_key_slots.reshape(-1)
-        keys = k_cache.index_select(1, flat).view(nkv * D, S, hd)
-        values = v_cache.index_select(1, flat).view(nkv * D, S, hd)
+        keys, values = _decode_keys(k_cache, meta), _decode_keys(v_cache, meta)
         queries = q[:D].view(D, nkv, g, hd).transpose(0, 1).reshape(nkv * D, g, hd)
         scores = torch.bmm(queries, keys.transpose(1, 2)).view(nkv, D, g, S)
         scores = (scores.float() * hd ** -0.5).masked_fill(~meta.decode_mask, float("-inf"))
@@ -90,3 +96,57 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, met
         y = F.scaled_dot_product_attention(qs, keys[None], values[None], attn_mask=seg.mask, enable_gqa=gqa)
         out[seg.start:seg.end] = y[0].transpose(0, 1)
     return out
+
+
+def _decode_keys(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """The slots decode rows read, (nkv, slots, hd) -> (nkv * D, S, hd): one batch entry per (kv head, row)."""
+    D, S = meta.decode_key_slots.shape
+    return cache.index_select(1, meta.decode_key_slots.reshape(-1)).view(cache.shape[0] * D, S, cache.shape[2])
+
+
+def tiled_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                    tile: int) -> torch.Tensor:
+    """Attention whose result for a query row does not depend on the rows beside it, on how
+    many keys the others have, or on where a prompt was cut into chunks.
+
+    q (B, T, g, hd): T queries of g heads each sharing one kv head; keys and values (B, S, hd)
+    with S a multiple of `tile`; mask (B or 1, T, S) bool. The fused kernels pick their
+    blocking from the shapes, so the same row sums in another order beside other rows. Here
+    every matrix product has a fixed shape (rows x `tile` keys, `tile` keys x hd), the
+    maximum is exact in any order, and the per-tile sums are added left to right, where
+    tiles past a row's last key add exact zeros. Query rows are padded as in model/linear.py."""
+    B, T, g, hd = q.shape
+    S = keys.shape[1]
+    nt, M = S // tile, T * g
+    qs = pad_rows(q.reshape(B, M, hd))
+    rows = qs.shape[1]
+    allowed = F.pad(mask[:, :, None].expand(mask.shape[0], T, g, S).reshape(-1, M, S), (0, 0, 0, rows - M),
+                    value=True)  # padded query rows attend to everything: finite, then dropped
+    scores = torch.bmm(qs[:, None].expand(B, nt, rows, hd).reshape(B * nt, rows, hd),
+                       keys.reshape(B * nt, tile, hd).transpose(1, 2)).view(B, nt, rows, tile)
+    scores = (scores.float() * hd ** -0.5).masked_fill(
+        ~allowed.view(-1, rows, nt, tile).transpose(1, 2), float("-inf"))
+    probs = torch.exp(scores - scores.amax(dim=(1, 3), keepdim=True))  # every row has key 0 unmasked
+    total = probs.sum(-1).cumsum(1)[:, -1]  # (B, rows)
+    parts = torch.bmm(probs.to(values.dtype).view(B * nt, rows, tile), values.reshape(B * nt, tile, hd))
+    out = parts.view(B, nt, rows, hd).float().cumsum(1)[:, -1] / total[..., None]
+    return out[:, :M].view(B, T, g, hd).to(q.dtype)
+
+
+def _tiled(q, k_cache, v_cache, meta: AttentionMetadata, out: torch.Tensor):
+    """Every row of the step through tiled_attention (meta.key_tile > 0)."""
+    nh, nkv, hd = q.shape[1], k_cache.shape[0], q.shape[2]
+    g, D, tile = nh // nkv, meta.num_decodes, meta.key_tile
+    if D:
+        S = meta.decode_key_slots.shape[1]
+        keys, values = _decode_keys(k_cache, meta), _decode_keys(v_cache, meta)
+        queries = q[:D].view(D, 1, nkv, g, hd).permute(2, 0, 1, 3, 4).reshape(nkv * D, 1, g, hd)
+        mask = meta.decode_mask[None].expand(nkv, D, 1, S).reshape(nkv * D, 1, S)
+        y = tiled_attention(queries, keys, values, mask, tile)  # (nkv * D, 1, g, hd)
+        out[:D] = y.view(nkv, D, g, hd).transpose(0, 1).reshape(D, nh, hd)
+    for seg in meta.segments:
+        T = seg.end - seg.start
+        keys, values = k_cache.index_select(1, seg.key_slots), v_cache.index_select(1, seg.key_slots)
+        queries = q[seg.start:seg.end].view(T, nkv, g, hd).transpose(0, 1)
+        y = tiled_attention(queries, keys, values, seg.mask[0], tile)  # (nkv, T, g, hd)
+        out[seg.start:seg.end] = y.transpose(0, 1).reshape(T, nh, hd)

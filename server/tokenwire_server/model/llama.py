@@ -10,6 +10,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import AttentionMetadata, attention
+from .linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -58,10 +59,10 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.wq = Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, layer: int):
         N = x.shape[0]
@@ -76,9 +77,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # gate
-        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)  # down
-        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # up
+        self.w1 = Linear(config.dim, config.hidden_dim, bias=False)  # gate
+        self.w2 = Linear(config.hidden_dim, config.dim, bias=False)  # down
+        self.w3 = Linear(config.dim, config.hidden_dim, bias=False)  # up
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -106,7 +107,7 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size, bias=False)
         self._inv_freq: torch.Tensor | None = None  # built on first use, on the input's device
 
     def tie_weights(self):
