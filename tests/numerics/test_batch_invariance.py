@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from tokenwire_server.engine import EngineRequest, SamplingParams
+from tokenwire_server.model.kv_cache import KEY_TILE as TILE
 from tokenwire_server.model.kv_cache import tiled_attention
 from tokenwire_server.model.linear import Linear, batch_invariant
 
 DTYPES = [torch.float32, torch.bfloat16]
-NKV, G, HD, TILE = 3, 3, 64, 64  # the default model's attention shape
+NKV, G, HD = 3, 3, 64  # the default model's attention shape
 
 
 def padded(x: torch.Tensor, keys: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..model import linear
-from ..model.kv_cache import AttentionMetadata, KVCache, Segment
+from ..model.kv_cache import KEY_TILE, AttentionMetadata, KVCache, Segment
 from .scheduler import ScheduledSequence
 
 
@@ -21,9 +21,6 @@ class LogitsSpan:
     row: int
     count: int
     first: int
-
-
-KEY_TILE = 64
 
 
 class ModelRunner:

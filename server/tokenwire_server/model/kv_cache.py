@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from .linear import pad_rows
 
+KEY_TILE = 64  # keys per tile in batch-invariant attention (tiled_attention)
+
 
 class KVCache:
     def __init__(self, n_layers: int, num_slots: int, n_kv_heads: int, head_dim: int,
