@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from .types import (Delta, Final, Generation, InputInfo, ModelInfo, Scored, ServerLimits, TokenInfo,
                     Tokenized, TokenSpan, TopToken, Usage)
 from .v1 import tokenwire_pb2 as pb
@@ -21,10 +23,17 @@ def generate_request(prompt: str | None = None, *, token_ids: list[int] | None =
                      include_stop_sequence: bool = False, time_limit: float | None = None,
                      ignore_eos: bool = False, logprobs: bool = False, ranks: bool = False, top_n: int = 0,
                      prompt_tokens: bool = False, truncate_input_tokens: int | None = None,
-                     n: int = 1) -> pb.GenerateRequest:
+                     n: int = 1, json_schema: dict | str | None = None, json_object: bool = False,
+                     regex: str | None = None, choice: list[str] | None = None,
+                     grammar: str | None = None) -> pb.GenerateRequest:
     given = [x is not None for x in (prompt, token_ids, messages)]
     if sum(given) != 1:
         raise ValueError("give exactly one of prompt, token_ids or messages")
+    kinds = {"json_schema": json_schema, "json_object": json_object or None, "regex": regex, "choice": choice,
+             "grammar": grammar}
+    kinds = {k: v for k, v in kinds.items() if v is not None}
+    if len(kinds) > 1:
+        raise ValueError(f"give at most one constraint, got {', '.join(kinds)}")
     req = pb.GenerateRequest(
         sampling=pb.SamplingParameters(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
                                        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
@@ -42,6 +51,13 @@ def generate_request(prompt: str | None = None, *, token_ids: list[int] | None =
         req.token_ids.ids.extend(token_ids)
     else:
         req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+    for kind, value in kinds.items():
+        if kind == "choice":
+            req.constraint.choice.choices.extend(value)
+        elif kind == "json_schema" and not isinstance(value, str):
+            req.constraint.json_schema = json.dumps(value)
+        else:
+            setattr(req.constraint, kind, value)
     return req
 
 
@@ -117,5 +133,6 @@ def model_info(r: pb.ModelInfoResponse) -> ModelInfo:
                      list(r.end_token_ids), r.has_chat_template, r.dtype, r.device,
                      ServerLimits(lim.max_new_tokens, lim.default_max_new_tokens, lim.max_stop_sequences,
                                   lim.max_stop_sequence_chars, lim.max_top_n, lim.max_batch_items,
-                                  lim.max_input_chars, lim.max_samples, lim.max_stop_token_ids),
+                                  lim.max_input_chars, lim.max_samples, lim.max_stop_token_ids,
+                                  lim.max_constraint_chars, lim.max_choices, lim.constraint_compile_seconds),
                      r.batch_invariant)

@@ -25,9 +25,19 @@ def _json(obj) -> None:
                      [dataclasses.asdict(o) for o in obj], indent=2, ensure_ascii=False))
 
 
+def _file_or_text(value: str | None) -> str | None:
+    """A path to read, or the text itself (a JSON Schema given inline)."""
+    if value is None or value.lstrip().startswith("{"):
+        return value
+    with open(value, encoding="utf-8") as f:
+        return f.read()
+
+
 def cmd_generate(client: Client, args) -> int:
     kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                  seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop, logprobs=args.json)
+                  seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop, logprobs=args.json,
+                  json_schema=_file_or_text(args.json_schema), json_object=args.json_object, regex=args.regex,
+                  choice=args.choice, grammar=_file_or_text(args.grammar))
     if args.chat:
         kwargs["messages"] = ([{"role": "system", "content": args.system}] if args.system else []) + \
                              [{"role": "user", "content": args.prompt}]
@@ -146,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="a stop sequence (repeatable)")
+    p.add_argument("--json-schema", metavar="FILE|JSON", help="the output is JSON valid under this schema")
+    p.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    p.add_argument("--regex", help="the whole output matches this regular expression")
+    p.add_argument("--choice", action="append", help="the output is exactly one of these (repeatable)")
+    p.add_argument("--grammar", metavar="FILE", help="the output follows this Lark grammar (llguidance syntax)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tokenize", parents=[after], help="token ids (and with --tokens, token texts and offsets)")

@@ -163,7 +163,9 @@ class Client:
         the stream. Keyword arguments: temperature, top_k, top_p, min_p, seed,
         repetition_penalty, presence_penalty, frequency_penalty, logit_bias ({id: bias}),
         max_new_tokens, min_new_tokens, stop, stop_token_ids, include_stop_sequence, time_limit,
-        ignore_eos, logprobs, ranks, top_n, prompt_tokens, truncate_input_tokens."""
+        ignore_eos, logprobs, ranks, top_n, prompt_tokens, truncate_input_tokens, and at most one
+        constraint: json_schema (dict or JSON text), json_object=True, regex, choice (list of
+        strings) or grammar (Lark text)."""
         return self.generate_stream(prompt, timeout=timeout, **kwargs).result()
 
     def generate_samples(self, prompt: str | None = None, *, n: int, timeout: float | None = None,

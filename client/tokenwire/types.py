@@ -104,6 +104,9 @@ class ServerLimits:
     max_input_chars: int
     max_samples: int
     max_stop_token_ids: int
+    max_constraint_chars: int
+    max_choices: int
+    constraint_compile_seconds: float
 
 
 @dataclass

@@ -157,9 +157,12 @@ def _bind(server: grpc.aio.Server | grpc.Server, host: str, port: int, flag: str
 
 
 def warm_up(engine: LLMEngine) -> None:
-    """One short generation, so the first request does not pay for lazy initialisation."""
+    """One short generation, so the first request does not pay for lazy initialisation
+    (constrained: structured output's tokenizer takes 0.15 s to build, and its threads start)."""
     ids = engine.tokenizer.encode("Hello")
-    for _ in engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True)):
+    constraint = engine.constraints.compile("regex", "[a-z ]{1,12}")
+    for _ in engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True,
+                                                 constraint=constraint)):
         pass
 
 

@@ -19,7 +19,12 @@ from tokenwire import Client
 
 from .test_hardening import free_ports, health_status
 
-SUBJECTS = ["the sea", "Paris", "cats", "prime numbers", "the moon", "music", "bread", "chess"]
+SUBJECTS = ["the sea", "Paris", "cats", "prime numbers", "the moon", "music", "bread", "a city", "a date", "chess"]
+# Structured output: constrained rows in the batch keep the mode's promise too.
+CONSTRAINED = {7: dict(json_schema={"type": "object", "properties": {"name": {"type": "string", "maxLength": 30},
+                                                                     "population": {"type": "integer"}},
+                                    "required": ["name", "population"], "additionalProperties": False}),
+               8: dict(regex=r"(19|20)[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]")}
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +67,17 @@ def subject(client: Client, i: int):
                                        top_n=2, **params)
     else:
         gens = [client.generate(messages=messages, max_new_tokens=24 + 4 * i, ignore_eos=True, logprobs=True,
-                                top_n=2, **params)]
+                                top_n=2, **params, **CONSTRAINED.get(i, {}))]
     return [[(t.id, t.logprob, [(p.id, p.logprob) for p in t.top]) for t in g.tokens] for g in gens]
 
 
 def other(client: Client, i: int, stop: threading.Event) -> int:
-    """Traffic beside the subjects: prompts of 10 to 700 tokens, sampled, some long-running."""
+    """Traffic beside the subjects: prompts of 10 to 700 tokens, sampled, some long-running, some
+    constrained."""
     prompt = f"Story number {i}: once upon a time, " * (1 + 9 * i)
     seen = 0
     for _ in client.generate_stream(prompt, max_new_tokens=20 + 15 * i, ignore_eos=True, temperature=1.0,
-                                    seed=i, top_k=40 if i % 2 else 0):
+                                    seed=i, top_k=40 if i % 2 else 0, json_object=i % 3 == 0):
         seen += 1
         if stop.is_set():
             break

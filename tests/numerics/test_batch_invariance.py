@@ -107,19 +107,28 @@ def run(engine, requests) -> dict[str, list]:
     return got
 
 
-def test_requests_alone_and_in_mixed_traffic_give_the_same_bits(make_engine, tokenizer):
-    """Greedy, seeded, penalised and n-sample requests, alone and then beside prompts of other
-    lengths being prefilled in chunks while others decode, in a cache small enough to preempt."""
+def test_requests_alone_and_in_mixed_traffic_give_the_same_bits(make_engine, engine, tokenizer):
+    """Greedy, seeded, penalised, n-sample and constrained requests, alone and then beside
+    prompts of other lengths being prefilled in chunks while others decode (some constrained),
+    in a cache small enough to preempt."""
+    compile_ = engine.constraints.compile
+    constraints = {6: compile_("regex", "[a-z ,]{30,60}\\."),
+                   7: compile_("json_schema", '{"type": "object", "properties": {"city": {"type": "string"}, '
+                                              '"people": {"type": "integer"}}, "required": ["city", "people"]}')}
+
     def params(i):
         if i < 3:
             return SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, top_n=3)
-        return SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_new_tokens=12, ignore_eos=True, top_n=3,
-                              presence_penalty=0.5 if i == 5 else 0.0)
-    texts = ["The sea is", "Paris is a city", "Prime numbers are", "The moon", "Music makes", "Bread is baked"]
-    subjects = [EngineRequest(f"s{i}", tuple(tokenizer.encode(t)), params(i), n=2 if i == 4 else 1)
+        return SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_new_tokens=40 if i in constraints else 12,
+                              ignore_eos=True, top_n=3, presence_penalty=0.5 if i == 5 else 0.0,
+                              constraint=constraints.get(i))
+    texts = ["The sea is", "Paris is a city", "Prime numbers are", "The moon", "Music makes", "Bread is baked",
+             "Some words", "A city as JSON:"]
+    subjects = [EngineRequest(f"s{i}", tuple(tokenizer.encode(t)), params(i), n=2 if i in (4, 7) else 1)
                 for i, t in enumerate(texts)]
     others = [EngineRequest(f"o{i}", tuple(tokenizer.encode(f"Story {i}: once upon a time " * (1 + 12 * i))),
-                            SamplingParams(temperature=1.0, seed=i, max_new_tokens=8 + 6 * i, ignore_eos=True))
+                            SamplingParams(temperature=1.0, seed=i, max_new_tokens=8 + 6 * i, ignore_eos=True,
+                                           constraint=compile_("json_object", True) if i == 1 else None))
               for i in range(5)]
     alone = {}
     for r in subjects:
@@ -129,3 +138,5 @@ def test_requests_alone_and_in_mixed_traffic_give_the_same_bits(make_engine, tok
     assert mixed_engine.num_preemptions > 0
     for r in subjects:
         assert mixed[r.request_id] == alone[r.request_id], r.request_id
+    for i in constraints:  # and they are what they were asked to be
+        assert len(alone[f"s{i}"]) > 8

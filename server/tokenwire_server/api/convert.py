@@ -109,6 +109,17 @@ def prompt(req: pb.GenerateRequest, engine: LLMEngine, limits: Limits) -> tuple[
     return ids, truncated, field
 
 
+def constraint(req: pb.GenerateRequest, engine: LLMEngine):
+    """The request's compiled constraint, or None (compiling can take a while: never on the loop)."""
+    if not req.HasField("constraint"):
+        return None
+    kind = req.constraint.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument("constraint", "set one of json_schema, json_object, regex, choice or grammar")
+    value = getattr(req.constraint, kind)
+    return engine.constraints.compile(kind, list(value.choices) if kind == "choice" else value)
+
+
 def generate_request(req: pb.GenerateRequest, engine: LLMEngine, limits: Limits, request_id: str = "",
                      deadline: float | None = None) -> tuple[EngineRequest, bool]:
     """The engine's request (n samples, one unless it asks for more), and whether the prompt
@@ -117,6 +128,7 @@ def generate_request(req: pb.GenerateRequest, engine: LLMEngine, limits: Limits,
         raise InvalidArgument("n", f"must be in [1, {limits.max_samples}] (0 means 1), got {req.n}")
     params = sampling_params(req, limits, engine.config.vocab_size)
     ids, truncated, _ = prompt(req, engine, limits)
+    params.constraint = constraint(req, engine)
     return EngineRequest(request_id or uuid.uuid4().hex, tuple(ids), params, max(req.n, 1), deadline), truncated
 
 

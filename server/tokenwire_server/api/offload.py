@@ -6,9 +6,9 @@ move other streams' bytes and answer health checks.
 Two lanes, each a small pool of threads, so at most that many jobs run at once whatever the
 traffic; the rest wait in the queue, costing no CPU, and a queued job whose call is cancelled
 is dropped unrun.
-- `run`: bulk work (Score) on WORKERS threads at a lower CPU priority (nice +NICE on
-  Linux), so that on busy cores the engine comes first. The priority does not help against
-  the GIL: long Python work belongs in a process.
+- `run`: bulk work (Score) on WORKERS threads at a lower CPU priority (priority.py), so
+  that on busy cores the engine comes first. The priority does not help against the GIL:
+  long Python work belongs in a process.
 - `prepare`: a Generate's prompt (encoding, chat template) on threads of normal priority,
   so a flood of bulk work never delays a generation's start."""
 
@@ -17,24 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import os
-import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from ..priority import lower_thread_priority
+
 WORKERS = 2
-NICE = 10  # CFS weights: a nice-10 thread gets about a tenth of a core another thread wants
 
 
-def _lower_priority() -> None:
-    if sys.platform.startswith("linux"):  # there, a thread id names that thread alone
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
-        except OSError:  # not allowed here: run at normal priority
-            pass
-
-
-_bulk = ThreadPoolExecutor(WORKERS, thread_name_prefix="tokenwire-cpu", initializer=_lower_priority)
+_bulk = ThreadPoolExecutor(WORKERS, thread_name_prefix="tokenwire-cpu", initializer=lower_thread_priority)
 _prompts = ThreadPoolExecutor(WORKERS, thread_name_prefix="tokenwire-prompt")
 
 

@@ -119,7 +119,7 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
     @rpc_errors
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:
         llm = self.engine.engine
-        cfg, runner, lim = llm.config, llm.runner, self.limits
+        cfg, runner, lim, clim = llm.config, llm.runner, self.limits, llm.constraints.limits
         return pb.ModelInfoResponse(
             name=llm.name, architecture=cfg.architecture, parameter_count=runner.n_params,
             context_length=llm.context_len, vocab_size=cfg.vocab_size, end_token_ids=list(llm.tokenizer.eos_ids),
@@ -131,5 +131,7 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
                                    max_stop_sequence_chars=lim.max_stop_sequence_chars,
                                    max_stop_token_ids=lim.max_stop_token_ids,
                                    max_top_n=lim.max_top_n, max_batch_items=lim.max_batch_items,
-                                   max_input_chars=lim.max_input_chars, max_samples=lim.max_samples),
+                                   max_input_chars=lim.max_input_chars, max_samples=lim.max_samples,
+                                   max_constraint_chars=clim.max_chars, max_choices=clim.max_choices,
+                                   constraint_compile_seconds=clim.compile_seconds),
             batch_invariant=llm.engine_config.batch_invariant)

@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .output_processor import OutputProcessor
 from .outputs import (EngineRequest, FinishReason, RequestFailed, RequestOutput, ScoreOutput, ScoreRequest,
                       TokenLogprob)
 from .sampler import Sampler
+from .structured import ConstraintCompiler, MaskFiller, mask_logits
 from .sampling_params import SEEDS, SamplingParams
 from .scheduler import ScheduledSequence, Scheduler
 from .sequence import Sequence, Status
@@ -105,6 +107,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens, config.max_queued,
                                    config.queue_timeout, key_cost(model.config))
         self.sampler = Sampler()
+        self.constraints = ConstraintCompiler(tokenizer, self.config.vocab_size)  # called off the engine thread
+        self.masks = MaskFiller(self.config.vocab_size)
         self.processor = OutputProcessor(tokenizer, min(self.context_len, self.kv_capacity_tokens))
         # Told of what happens, from whichever thread steps the engine: on_request(prompt_tokens),
         # on_step(batch, kv_usage, waiting, running, preempted), on_token(key, now, ttft, queue),
@@ -278,10 +282,12 @@ class LLMEngine:
     def _run(self, batch: list[ScheduledSequence]) -> list:
         # Nothing before the per-sequence updates changes engine state (the cache slots written
         # are the scheduled ones, written again on a retry; generators are restored on a fault).
-        logits, spans = self.runner.execute(batch)
+        sampling = [s.seq for s in batch if s.completes and s.seq.score_from is None]
+        masks = self.masks.start([s.output.matcher for s in sampling if s.output.matcher is not None])
+        logits, spans = self.runner.execute(batch)  # while the masks fill
         to_sample = [(s.seq, span.row + span.count - 1) for s, span in zip(batch, spans)
                      if s.completes and s.seq.score_from is None]
-        tokens = self._sample(to_sample, logits) if to_sample else {}
+        tokens = self._sample(to_sample, logits, masks) if to_sample else {}
         outputs, now = [], time.monotonic()
         for sched, span in zip(batch, spans):
             seq = sched.seq
@@ -291,7 +297,10 @@ class LLMEngine:
                 out = self._update(seq, sched, logits[span.row:span.row + span.count], span.first,
                                    tokens.get(seq), now)
             except Exception as e:
-                log.exception("request %s failed", seq.request_id)
+                if isinstance(e, InvalidArgument):  # the request's own fault (its constraint): no traceback
+                    log.warning("request %s failed: %s", seq.request_id, e)
+                else:
+                    log.exception("request %s failed", seq.request_id)
                 outputs += self._fail(seq.request_id, e)
                 continue
             if out is not None:
@@ -341,16 +350,22 @@ class LLMEngine:
         seq.prompt_logprobs += token_logprobs(rows, targets, p.ranks, p.top_n)
         seq.all_greedy = seq.all_greedy and bool((rows.argmax(-1) == targets).all())
 
-    def _sample(self, items: list[tuple[Sequence, int]], logits: torch.Tensor) -> dict[Sequence, TokenLogprob]:
+    def _sample(self, items: list[tuple[Sequence, int]], logits: torch.Tensor,
+                masks: Future | None) -> dict[Sequence, TokenLogprob]:
         seqs = [s for s, _ in items]
         rows = logits[torch.tensor([r for _, r in items], device=logits.device)]
         params = [s.params for s in seqs]
         eos = list(self.tokenizer.eos_ids)
-        banned = [eos + s.params.stop_token_ids if len(s.output_ids) < s.params.min_new_tokens else [] for s in seqs]
+        # A constraint decides its own end: min_new_tokens does not hold against a completed one.
+        banned = [eos + s.params.stop_token_ids
+                  if len(s.output_ids) < s.params.min_new_tokens and s.params.constraint is None else []
+                  for s in seqs]
         generators = [s.generator for s in seqs]
         states = [g.get_state() if g is not None else None for g in generators]
+        candidates = self._constrained(rows, seqs, masks)  # logprobs stay the model's own (rows)
         try:
-            tokens = self.sampler(rows, params, generators, [(s.prompt_ids, s.output_ids) for s in seqs], banned)
+            tokens = self.sampler(candidates, params, generators, [(s.prompt_ids, s.output_ids) for s in seqs],
+                                  banned)
         except Exception:  # a retry draws the same numbers
             for g, state in zip(generators, states):
                 if g is not None:
@@ -365,6 +380,23 @@ class LLMEngine:
             else:
                 out[seq] = TokenLogprob(token, logp[i])
         return out
+
+    @staticmethod
+    def _constrained(rows: torch.Tensor, seqs: list[Sequence], masks: Future | None) -> torch.Tensor:
+        """rows with the tokens each constrained sequence may not produce next at -inf, from
+        the masks filled for the constrained ones among seqs, in order (one pass over those
+        rows; the others are untouched and cost nothing)."""
+        if masks is None:
+            return rows
+        matchers = [(i, s.output.matcher) for i, s in enumerate(seqs) if s.output.matcher is not None]
+        allowed = masks.result()
+        # A matcher that fell into error (past llguidance's limits) allows nothing: its row is
+        # left whole, and the token it then rejects fails its request alone (output_processor).
+        ok = [k for k, (_, m) in enumerate(matchers) if not m.is_error()]
+        index = torch.tensor([matchers[k][0] for k in ok], device=rows.device, dtype=torch.long)
+        rows = rows.clone()
+        rows[index] = mask_logits(rows[index], allowed[ok])
+        return rows
 
     # ---- synchronous use (a library user, warm-up, the generate command) ----
 

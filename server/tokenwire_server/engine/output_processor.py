@@ -1,13 +1,15 @@
 """OutputProcessor: a sampled token in, a RequestOutput out. The one place that decides
-whether and why a sample finishes (end tokens, stop tokens, stop sequences, max_new_tokens,
-the context, the time limit) and what text each token releases. The synchronous and the
-asynchronous paths share it: LLMEngine.step calls it for every token it samples."""
+whether and why a sample finishes (end tokens, a completed constraint, stop tokens, stop
+sequences, max_new_tokens, the context, the time limit) and what text each token releases.
+The synchronous and the asynchronous paths share it: LLMEngine.step calls it for every token
+it samples."""
 
 from __future__ import annotations
 
 from ..tokenizer import Tokenizer
 from .outputs import FinishReason, RequestOutput, TokenLogprob, Usage
 from .sequence import Sequence
+from .structured import failed
 from .text_stream import TextStream
 
 
@@ -22,8 +24,16 @@ class SampleState:
         self.max_new_tokens = p.max_new_tokens
         self.room = context_len - len(seq.prompt_ids)  # the last position a token can be fed at is context - 1
         self.time_limit = p.time_limit
+        # Structured output: follows the sampled tokens; the sampler asks it what may come next.
+        self.constraint = p.constraint
+        self.matcher = p.constraint.matcher() if p.constraint is not None else None
 
     def finish_reason(self, token_id: int, n_generated: int, elapsed: float) -> FinishReason | None:
+        if self.matcher is not None:
+            if not self.matcher.consume_token(token_id) or self.matcher.is_error():
+                raise failed(self.constraint, self.matcher)  # fails this request alone
+            if self.matcher.is_stopped():  # complete, and nothing more can follow
+                return FinishReason.EOS
         if token_id in self.eos_ids:
             return FinishReason.EOS
         if token_id in self.stop_ids:

@@ -41,6 +41,8 @@ class SamplingParams:
     ranks: bool = False
     top_n: int = 0
     prompt_logprobs: bool = False
+    # Structured output: the output must satisfy this (engine/structured.py); None: free text.
+    constraint: object = None
 
     def ensure_seed(self) -> int:
         """The seed, drawn now when none was given (it is reported back, so the output can be replayed)."""
