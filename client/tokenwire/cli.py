@@ -104,13 +104,25 @@ def cmd_health(client: Client, args) -> int:
 def cmd_bench(client: Client, args) -> int:
     import asyncio
 
-    from .bench import format_report, report_dict, run
+    from .bench import BenchError, format_report, report_dict, run
 
-    report = asyncio.run(run(args.server, concurrency=args.concurrency, rate=args.rate,
-                             prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
-                             requests=args.requests, duration=args.duration, warmup=args.warmup,
-                             temperature=args.temperature, prompts_file=args.prompts_file,
-                             progress=not args.json, client_options=args.client_options))
+    if args.model is not None and args.http is None:
+        print("error: --model goes with --http (over gRPC the server's own model answers)", file=sys.stderr)
+        return 2
+    options = dict(concurrency=args.concurrency, rate=args.rate, prompt_tokens=args.prompt_tokens,
+                   output_tokens=args.output_tokens, requests=args.requests, duration=args.duration,
+                   warmup=args.warmup, temperature=args.temperature, prompts_file=args.prompts_file,
+                   progress=not args.json, client_options=args.client_options)
+    if args.timeout is not None:  # (else run's default: a generous bound per request)
+        options["timeout"] = args.timeout
+    try:
+        if args.http is not None:
+            report = asyncio.run(run(args.http, protocol="http", model=args.model, **options))
+        else:
+            report = asyncio.run(run(args.server, **options))
+    except BenchError as e:  # unreachable, no model, no prompts, a failed warmup: nothing measured
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(report_dict(report), indent=2) if args.json else format_report(report))
     return 1 if report.errors else 0
 
@@ -189,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="seconds to measure instead of a request count")
     p.add_argument("--warmup", type=int, default=2, help="requests sent first and not measured")
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--http", metavar="URL",
+                   help="bench an OpenAI-compatible HTTP server instead of --server (tokenwire's HTTP API, "
+                        "llama-server, vLLM): its API base, such as http://localhost:8000/v1; --api-key is "
+                        "sent as 'Authorization: Bearer'")
+    p.add_argument("--model", help="with --http: the model to ask for (default: the first GET /v1/models lists)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("health", parents=[after], help="SERVING or NOT_SERVING (exit code 0 only when serving)")

@@ -78,6 +78,8 @@ def cmd_serve(args) -> None:
                       device=args.device, name=args.model if args.model in registry.REGISTRY else "",
                       limits=limits, engine_config=config, drain_timeout=args.drain_timeout,
                       metrics_port=args.metrics_port or None, health_port=args.health_port,
+                      http_port=args.http_port or None,
+                      http_tls=(args.tls_cert, args.tls_key, args.tls_client_ca) if credentials else None,
                       credentials=credentials, api_keys=api_keys, log_prompts=args.log_prompts))
 
 
@@ -141,6 +143,8 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
     net.add_argument("--health-port", type=int,
                      help="also serve gRPC health alone, in plaintext, on this port (for Kubernetes probes, "
                           "which cannot speak TLS)")
+    net.add_argument("--http-port", type=int, default=8000,
+                     help="OpenAI-compatible HTTP API port, same engine, TLS and API keys (0: off)")
     net.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: off)")
     net.add_argument("--drain-timeout", type=float, default=30.0,
                      help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before the exit")

@@ -49,8 +49,8 @@ class Metrics:
                                 ["finish_reason"], registry=r)
         self.preemptions = Counter("tokenwire_preemptions", "Sequences preempted to free KV cache", registry=r)
         self.scored_items = Counter("tokenwire_scored_items", "Score items completed", registry=r)
-        self.rpcs = Counter("tokenwire_requests", "RPCs by method and final gRPC status code", ["method", "code"],
-                            registry=r)
+        self.rpcs = Counter("tokenwire_requests", "Requests by protocol (grpc, http), method and final status code "
+                            "(gRPC's names, for both protocols)", ["protocol", "method", "code"], registry=r)
         self.model = Info("tokenwire_model", "The model being served", registry=r)
         self._last_token: dict = {}  # (request id, sample) -> when its last token came; engine thread only
         self.stats = Stats(self)
@@ -97,8 +97,8 @@ class Metrics:
 
     # ---- the RPC layer ----
 
-    def on_rpc(self, method: str, code: str) -> None:
-        self.rpcs.labels(method=method, code=code).inc()
+    def on_rpc(self, method: str, code: str, protocol: str = "grpc") -> None:
+        self.rpcs.labels(protocol=protocol, method=method, code=code).inc()
 
     def set_model(self, name: str, architecture: str, dtype: str, device: str) -> None:
         self.model.info({"model": name, "architecture": architecture, "dtype": dtype, "device": device})

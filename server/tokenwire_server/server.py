@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .api import handlers
+from .api.http import HttpApi
 from .api.servicer import SERVICE_NAME, TokenwireServicer
 from .engine import LLMEngine, SamplingParams
 from .engine.llm_engine import EngineConfig
@@ -45,12 +46,14 @@ class TokenwireServer:
     credentials: TLS (security.server_credentials) for the main port; api_keys: required from
     every caller but health; health_port: a second, plaintext port serving health alone (the
     kubelet's gRPC probes cannot speak TLS); metrics_port: /metrics over HTTP (None: not served,
-    0: any free port; once started, the bound port)."""
+    0: any free port; once started, the bound port); http_port: the OpenAI-compatible HTTP API
+    (api/http.py; None: not served, 0: any free port), with http_tls the TLS files behind
+    `credentials` (cert, key, client CA or None)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 50051, limits: Limits = Limits(),
                  metrics_port: int | None = None, log_prompts: bool = False,
                  credentials: grpc.ServerCredentials | None = None, api_keys: frozenset[str] = frozenset(),
-                 health_port: int | None = None):
+                 health_port: int | None = None, http_port: int | None = None, http_tls: tuple | None = None):
         self.host = host
         self.metrics = Metrics()  # recorded always, whether or not it is served
         self.metrics_port = metrics_port
@@ -77,8 +80,12 @@ class TokenwireServer:
             health_pb2_grpc.add_HealthServicer_to_server(self.thread_health, self.health_server)
             self.health_port = _bind(self.health_server, host, health_port, "--health-port")
         self.engine: AsyncEngine | None = None
+        self.http = HttpApi(self.servicer, api_keys, http_tls) if http_port is not None else None
+        self.http_port = http_port
 
     async def start(self) -> int:
+        if self.http is not None:  # first: a taken port fails before anything else starts
+            self.http_port = await self.http.start(self.host, self.http_port)
         if self.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.metrics_port, self.host)
         await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -111,7 +118,8 @@ class TokenwireServer:
 
     async def stop(self, grace: float | None = 5.0) -> None:
         await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)  # refuses new calls; waits for those in flight up to grace
+        http = self.http.stop(grace) if self.http is not None else asyncio.sleep(0)
+        await asyncio.gather(self.server.stop(grace), http)  # refuse new calls; wait for those in flight up to grace
         await self._set_health(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.health_server is not None:
             await asyncio.to_thread(self.health_server.stop(0).wait)
@@ -141,7 +149,7 @@ class TokenwireServer:
     def _denied(self, method: str) -> None:
         service, _, name = method.lstrip("/").partition("/")
         if service == SERVICE_NAME:
-            self.metrics.on_rpc(name, "UNAUTHENTICATED")
+            self.metrics.on_rpc(name, "UNAUTHENTICATED", "grpc")
         log.info("denied %s: missing or unknown API key", method)
 
 
@@ -182,6 +190,9 @@ async def serve(model_path, *, host: str, port: int, dtype: str, device: str, na
         log.info("health alone, in plaintext, on %s:%d", host, server.health_port)
     if server.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", host, server.metrics_port)
+    if server.http_port is not None:
+        log.info("OpenAI-compatible HTTP on %s://%s:%d/v1", "https" if options.get("http_tls") else "http", host,
+                 server.http_port)
 
     loading = _load_in_background(loop, model_path, dtype=dtype, device=device, name=name, config=engine_config)
     first_signal = asyncio.ensure_future(signals.get())

@@ -28,6 +28,11 @@ class RunningServer:
         return self.server.metrics.stats  # what /metrics shows
 
     @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (servers started with http_port)."""
+        return f"http://127.0.0.1:{self.server.http_port}/v1"
+
+    @property
     def llm(self):
         """The LLMEngine this server steps (only its own thread may step it)."""
         return self.server.engine.engine
@@ -55,7 +60,8 @@ async def _start(engine=None, **options) -> TokenwireServer:
 def served(make_engine, event_loop_thread):
     # An engine of its own (same weights): tests may call the session engine directly
     # without racing this server's engine thread.
-    server = asyncio.run_coroutine_threadsafe(_start(make_engine(kv_cache_tokens=32768)), event_loop_thread).result(60)
+    server = asyncio.run_coroutine_threadsafe(_start(make_engine(kv_cache_tokens=32768), http_port=0, metrics_port=0),
+                                              event_loop_thread).result(60)
     running = RunningServer(server, event_loop_thread, f"127.0.0.1:{server.port}")
     yield running
     running.run(server.stop(0))

@@ -34,7 +34,7 @@ def invariant_server(model_path, tmp_path_factory):
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "tokenwire_server.main", "serve", "--model", str(model_path), "--host",
-             "127.0.0.1", "--port", str(port), "--batch-invariant"],
+             "127.0.0.1", "--port", str(port), "--batch-invariant", "--http-port", "0"],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     address = f"127.0.0.1:{port}"
     try:

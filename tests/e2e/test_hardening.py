@@ -236,7 +236,7 @@ def scrape(running) -> dict[tuple[str, str], float]:
         text = response.read().decode()
     return {(s.labels["method"], s.labels["code"]): s.value
             for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name == "tokenwire_requests_total"}
+            if s.name == "tokenwire_requests_total" and s.labels["protocol"] == "grpc"}
 
 
 @pytest.fixture
@@ -392,7 +392,8 @@ def test_sigterm_while_the_model_loads_exits_at_once(model_path, tmp_path):
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "tokenwire_server.main", "serve", "--model", str(model_path), "--host",
-             "127.0.0.1", "--port", str(port), "--health-port", str(health_port), "--threads", "1"],
+             "127.0.0.1", "--port", str(port), "--health-port", str(health_port), "--threads", "1",
+             "--http-port", "0"],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         health_address = f"127.0.0.1:{health_port}"

@@ -89,10 +89,10 @@ def test_counts_match_the_requests_made(metered):
     assert [g.usage.completion_tokens for g in gens] == [5, 5, 5]
     assert delta("tokenwire_generation_tokens_total") == 15
     assert delta("tokenwire_requests_finished_total", finish_reason="length") == 3
-    assert delta("tokenwire_requests_total", method="Generate", code="OK") == 3
-    assert delta("tokenwire_requests_total", method="Generate", code="INVALID_ARGUMENT") == 1
+    assert delta("tokenwire_requests_total", protocol="grpc", method="Generate", code="OK") == 3
+    assert delta("tokenwire_requests_total", protocol="grpc", method="Generate", code="INVALID_ARGUMENT") == 1
     for method in ("Tokenize", "Score", "ModelInfo"):
-        assert delta("tokenwire_requests_total", method=method, code="OK") == 1, method
+        assert delta("tokenwire_requests_total", protocol="grpc", method=method, code="OK") == 1, method
     assert not any(dict(labels).get("method") == "Check" for _, labels in after.samples)  # health is not counted
     assert delta("tokenwire_time_to_first_token_seconds_count") == 3
     assert delta("tokenwire_e2e_request_latency_seconds_count") == 3
@@ -142,12 +142,12 @@ def test_gauges_during_and_after_a_generation(metered, wait_until):
         m = Scrape(metered)
         return (m("tokenwire_requests_running") == 0 and m("tokenwire_kv_cache_usage_ratio") == 0
                 and m("tokenwire_batch_size") == 0
-                and m("tokenwire_requests_total", method="Generate", code="CANCELLED") == 1)
+                and m("tokenwire_requests_total", protocol="grpc", method="Generate", code="CANCELLED") == 1)
 
     assert wait_until(settled)
     after = Scrape(metered)
     assert after("tokenwire_requests_finished_total", finish_reason="cancelled") == 1
-    assert after("tokenwire_requests_total", method="Generate", code="OK") == 0
+    assert after("tokenwire_requests_total", protocol="grpc", method="Generate", code="OK") == 0
     assert after("tokenwire_e2e_request_latency_seconds_count") == 0  # cancelled ones are not latencies
 
 
@@ -156,10 +156,10 @@ def test_deadline_exceeded_is_counted(metered, wait_until):
         with pytest.raises(TokenwireError) as e:
             client.generate("Write a very long essay about rivers.", timeout=0.5, **LONG)
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_until(lambda: Scrape(metered)("tokenwire_requests_total", method="Generate",
+    assert wait_until(lambda: Scrape(metered)("tokenwire_requests_total", protocol="grpc", method="Generate",
                                               code="DEADLINE_EXCEEDED") == 1)
     m = Scrape(metered)
-    assert m("tokenwire_requests_total", method="Generate", code="CANCELLED") == 0
+    assert m("tokenwire_requests_total", protocol="grpc", method="Generate", code="CANCELLED") == 0
 
 
 def test_overload_is_counted_as_resource_exhausted(start_server, make_engine):
@@ -169,7 +169,7 @@ def test_overload_is_counted_as_resource_exhausted(start_server, make_engine):
             client.generate("Hello", **FIVE)
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     m = Scrape(running)
-    assert m("tokenwire_requests_total", method="Generate", code="RESOURCE_EXHAUSTED") == 1
+    assert m("tokenwire_requests_total", protocol="grpc", method="Generate", code="RESOURCE_EXHAUSTED") == 1
     assert m("tokenwire_generation_tokens_total") == 0
 
 
@@ -180,8 +180,8 @@ def test_servers_in_one_process_keep_their_own_metrics(start_server):
         with pytest.raises(grpc.RpcError) as e:
             pb_grpc.TokenwireStub(channel).Tokenize(pb.TokenizeRequest(texts=["hi"]), timeout=10)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert Scrape(a)("tokenwire_requests_total", method="Tokenize", code="UNAVAILABLE") == 1
-    assert Scrape(b)("tokenwire_requests_total", method="Tokenize", code="UNAVAILABLE") == 0
+    assert Scrape(a)("tokenwire_requests_total", protocol="grpc", method="Tokenize", code="UNAVAILABLE") == 1
+    assert Scrape(b)("tokenwire_requests_total", protocol="grpc", method="Tokenize", code="UNAVAILABLE") == 0
 
 
 def test_metrics_are_off_by_default_and_stop_with_the_server(start_server):

@@ -40,7 +40,7 @@ class Replica:
             [sys.executable, "-m", "tokenwire_server.main", "serve", "--model", str(model_path),
              "--host", "127.0.0.1", "--port", str(self.port), "--health-port", str(self.health_port),
              "--metrics-port", str(self.metrics_port), "--kv-cache-tokens", "4096", "--threads", "1",
-             "--drain-timeout", "60"],
+             "--drain-timeout", "60", "--http-port", "0"],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def readiness(self) -> str:
@@ -65,7 +65,7 @@ class Replica:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                if s.name == "tokenwire_requests_total" and s.labels == {"method": method, "code": code}:
+                if s.name == "tokenwire_requests_total" and s.labels == {"protocol": "grpc", "method": method, "code": code}:
                     return s.value
         return 0.0
 

@@ -84,7 +84,7 @@ def test_api_keys_right_wrong_and_missing(start_server, make_engine):
             assert c.health() == "SERVING"  # probes need no key
     # Denied calls did no work: only the good Generate produced tokens.
     assert server.stats.generated_tokens == 3 and server.stats.scored_items == 0
-    denied = server.server.metrics.rpcs.labels(method="Generate", code="UNAUTHENTICATED")._value.get()
+    denied = server.server.metrics.rpcs.labels(protocol="grpc", method="Generate", code="UNAUTHENTICATED")._value.get()
     assert denied == 6
     # The key under another scheme is refused too.
     with grpc.insecure_channel(server.address) as channel:
@@ -152,3 +152,6 @@ def test_a_taken_port_is_a_clear_error(start_server):
         bare.run(start(health_port=bare.server.port))
     with pytest.raises(ConfigError, match="--metrics-port"):
         bare.run(start(metrics_port=bare.server.metrics_port))
+    with_http = start_server(http_port=0)
+    with pytest.raises(ConfigError, match="--http-port .* cannot listen"):
+        bare.run(start(http_port=with_http.server.http_port))

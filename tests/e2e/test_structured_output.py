@@ -244,16 +244,17 @@ def test_cli_flags(served, tmp_path):
     schema.write_text(json.dumps(REVIEW))
     grammar = tmp_path / "arithmetic.lark"
     grammar.write_text(ARITHMETIC)
-    out = cli(served, "generate", "--chat", "Analyse: 'great value'", "--json-schema", str(schema), "--temperature", "0",
-              "--max-new-tokens", "200")
+    out = cli(served, "generate", "--chat", "Analyse: 'great value'", "--json-schema", str(schema),
+              "--temperature", "0", "--max-new-tokens", "200")
     jsonschema.validate(json.loads(out.stdout), REVIEW)
     inline = '{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}'
-    assert json.loads(cli(served, "generate", "Status:", "--json-schema", inline, "--temperature", "0").stdout)["ok"] in \
-        (True, False)
+    out = cli(served, "generate", "Status:", "--json-schema", inline, "--temperature", "0")
+    assert json.loads(out.stdout)["ok"] in (True, False)
     assert cli(served, "generate", "The sky is", "--choice", "blue", "--choice", "grey", "--temperature",
                "0").stdout.strip() in ("blue", "grey")
     assert re.fullmatch("[0-9]{4}", cli(served, "generate", "Year:", "--regex", "[0-9]{4}").stdout.strip())
-    ARITHMETIC_LARK.parse(cli(served, "generate", "Sum:", "--grammar", str(grammar), "--max-new-tokens", "60").stdout.strip())
+    ARITHMETIC_LARK.parse(cli(served, "generate", "Sum:", "--grammar", str(grammar),
+                              "--max-new-tokens", "60").stdout.strip())
     out = cli(served, "generate", "--chat", "A JSON object with your name.", "--json-object", "--max-new-tokens", "60")
     assert out.stdout.startswith("{")  # (an object; a prefix of one if it ran to the token limit)
     if "[eos:" in out.stderr:

@@ -47,7 +47,10 @@ SERVICE_NAME = tokenwire_pb2.DESCRIPTOR.services_by_name["Tokenwire"].full_name
 READINESS = set(READINESS_SERVICES)
 TLS_SECRET, API_KEYS_SECRET = "tokenwire-tls", "tokenwire-api-keys"
 TLS_KEYS = {"tls_cert": "tls.crt", "tls_key": "tls.key", "tls_client_ca": "ca.crt"}
-CONTAINER_PORTS = {"port": "grpc", "health_port": "health", "metrics_port": "metrics"}
+CONTAINER_PORTS = {"port": "grpc", "http_port": "http", "health_port": "health", "metrics_port": "metrics"}
+# The client ports: gRPC and the OpenAI-compatible HTTP API. Both Services carry each (same name,
+# targetPort the container port of that name) and the NetworkPolicy admits both from the same clients.
+CLIENT_PORTS = {"grpc": "port", "http": "http_port"}  # port name -> server flag dest
 # Memory footprint per registry model: parameters, and KV cache bytes per token in float32
 # (K and V x layers x KV heads x head dim x 4). SmolLM2-135M: 30 layers, 3 KV heads, head dim 64.
 FOOTPRINT = {"smollm2-135m-instruct": (135e6, 2 * 30 * 3 * 64 * 4)}
@@ -271,6 +274,34 @@ def selects(selector: dict, labels: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+def admitted_from(policy: dict, name: str, number: int) -> list[str] | None:
+    """Whom a NetworkPolicy admits to the container port called `name` (number `number`, TCP): the
+    `from` peers of every ingress rule covering it, as sorted JSON, or None if a rule admits anyone.
+    A rule without `ports`, or a port entry without `port`, covers every port."""
+    def covers(entry):
+        port = entry.get("port")
+        if port is None:
+            return True
+        if entry.get("protocol", "TCP") != "TCP":
+            return False
+        if isinstance(port, str):
+            return port == name
+        return port <= number <= entry.get("endPort", port)
+
+    peers: set[str] = set()
+    for rule in policy["spec"].get("ingress", []):
+        if rule.get("ports") and not any(covers(p) for p in rule["ports"]):
+            continue
+        if not rule.get("from"):
+            return None
+        peers |= {json.dumps(peer, sort_keys=True) for peer in rule["from"]}
+    return sorted(peers)
+
+
+def describe_peers(peers: list[str] | None) -> str:
+    return "anyone" if peers is None else "; ".join(peers) or "no one"
+
+
 # --- checks: each returns its problems -------------------------------------------------------
 
 def check_env_names(objects, dockerfile) -> list[str]:
@@ -304,6 +335,9 @@ def check_ports(objects, dockerfile) -> list[str]:
                             f"{ports[port_name]}")
     if ns.health_port is None or ns.health_port == ns.port:
         problems.append("the health port must be set and differ from the gRPC port (probes speak plaintext)")
+    listening = {dest: getattr(ns, dest) for dest in CONTAINER_PORTS if getattr(ns, dest)}
+    if len(set(listening.values())) < len(listening):
+        problems.append(f"the server's ports {listening} are not distinct")
     if ns.host not in ("0.0.0.0", "::", "[::]"):
         problems.append(f"the server listens on {ns.host}, not on every interface: the pod IP is unreachable")
     if not image(dockerfile)["expose"] >= set(ports.values()):
@@ -349,9 +383,11 @@ def check_services(objects, dockerfile) -> list[str]:
             if (target not in ports) if isinstance(target, str) else (target not in ports.values()):
                 problems.append(f"Service {name} port {port.get('name')}: targetPort {target!r} is not a "
                                 f"container port ({ports})")
-        grpc = [p for p in svc["spec"]["ports"] if p.get("name") == "grpc"]
-        if not grpc or grpc[0].get("targetPort") != "grpc":
-            problems.append(f"Service {name} has no port grpc targeting the container's grpc port")
+        for client_port in CLIENT_PORTS:
+            found = [p for p in svc["spec"]["ports"] if p.get("name") == client_port]
+            if not found or found[0].get("targetPort") != client_port:
+                problems.append(f"Service {name} has no port {client_port} targeting the container's "
+                                f"{client_port} port")
     if not any(s["spec"].get("clusterIP") == "None" for s in services):
         problems.append("no headless Service (clusterIP: None) for client-side load balancing")
     if not any(s["spec"].get("type", "ClusterIP") == "ClusterIP" and s["spec"].get("clusterIP") != "None"
@@ -492,6 +528,15 @@ def check_companions(objects, dockerfile) -> list[str]:
                             for f in r.get("from", []))]
     if not client_rules:
         problems.append("the NetworkPolicy does not admit gRPC from pods labelled tokenwire-client=true")
+    # HTTP serves the same model with the same API keys: whoever may reach gRPC may reach HTTP, no one else.
+    grpc_peers = admitted_from(policy, "grpc", ns.port)
+    for port_name, dest in CLIENT_PORTS.items():
+        if port_name == "grpc":
+            continue
+        peers = admitted_from(policy, port_name, getattr(ns, dest))
+        if peers != grpc_peers:
+            problems.append(f"the NetworkPolicy admits port {port_name} from {describe_peers(peers)}, but "
+                            f"gRPC from {describe_peers(grpc_peers)}")
     annotations = template["metadata"].get("annotations", {})
     if annotations.get("prometheus.io/scrape") != "true" or annotations.get("prometheus.io/port") != str(
             ns.metrics_port):
@@ -619,7 +664,7 @@ def test_manifests_agree_with_the_server(kustomization):
 def test_the_server_reads_what_the_manifests_say():
     """A spot check that the parse is real: values from the ConfigMap and the overlay arrive."""
     ns = parse_serve(render("overlays/mtls"), DOCKERFILE.read_text())
-    assert (ns.port, ns.health_port, ns.metrics_port) == (50051, 50052, 9090)
+    assert (ns.port, ns.http_port, ns.health_port, ns.metrics_port) == (50051, 8000, 50052, 9090)
     assert ns.log_format == "json" and ns.kv_cache_tokens == 65536 and ns.drain_timeout == 30.0
     assert ns.tls_client_ca == "/etc/tokenwire/tls/ca.crt"
 
@@ -631,7 +676,7 @@ def test_dockerfile_shape():
     final = stages[-1]
     assert final["entrypoint"] == ["tokenwire-server", "serve"]
     assert final["env"]["TOKENWIRE_HOME"] == "/models"
-    assert final["expose"] == {50051, 50052, 9090}
+    assert final["expose"] == {50051, 8000, 50052, 9090}
     assert stages[2]["user"] == final["user"] == "10001:10001"
     runs = " ".join(rest for word, rest in stages[0]["instructions"] if word == "RUN")
     assert "download.pytorch.org/whl/cpu" in runs and "pip install ./client ." in runs
@@ -678,13 +723,48 @@ def _edit_args(old, new):
     return mutate
 
 
+def _named(getter, name):
+    """The entry called `name` in the list of ports `getter` returns (a container's, a Service's)."""
+    return lambda o: next(p for p in getter(o) if p.get("name") == name)
+
+
+def _service_ports(service):
+    return lambda o: one(o, "Service", service)["spec"]["ports"]
+
+
+def _drop_port(service, name):
+    return lambda o: _service_ports(service)(o).remove(_named(_service_ports(service), name)(o))
+
+
+def _policy_move(port, to=None):
+    """Take `port` out of its NetworkPolicy rule and add it to the rule admitting port `to` (None:
+    drop it)."""
+    def mutate(objects):
+        rules = one(objects, "NetworkPolicy")["spec"]["ingress"]
+
+        def rule_with(name):
+            return next(r for r in rules if any(p.get("port") == name for p in r.get("ports", [])))
+        source = rule_with(port)
+        entry = next(p for p in source["ports"] if p.get("port") == port)
+        source["ports"].remove(entry)
+        if to is not None:
+            rule_with(to)["ports"].append(entry)
+    return mutate
+
+
 MUTATIONS = {
     "unknown TOKENWIRE variable": ("base", check_env_names, "TOKENWIRE_MAX_NUM_SEQ ",
                                    _set(_configmap, "TOKENWIRE_MAX_NUM_SEQ", "8")),
     "bad value": ("base", check_parses, "TOKENWIRE_LOG_FORMAT", _set(_configmap, "TOKENWIRE_LOG_FORMAT", "xml")),
     "unknown flag": ("base", check_parses, "unrecognized", _edit_args("--port=50051", "--grpc-port=50051")),
     "health port moved": ("base", check_ports, "health_port", _edit_args("--health-port=50052", "--health-port=50053")),
-    "metrics port renamed": ("base", check_ports, "'metrics'", _set(_container, "ports", 2, "name", "prom")),
+    "metrics port renamed": ("base", check_ports, "'metrics'",
+                             _set(_named(lambda o: _container(o)["ports"], "metrics"), "name", "prom")),
+    "http port moved": ("base", check_ports, "http_port is 8080", _edit_args("--http-port=8000", "--http-port=8080")),
+    "http port renamed": ("base", check_ports, "'http'",
+                          _set(_named(lambda o: _container(o)["ports"], "http"), "name", "openai")),
+    "http on the gRPC port": ("base", check_ports, "not distinct",
+                              _edit_args("--http-port=8000", "--http-port=50051")),
     "loopback host": ("base", check_ports, "every interface", _edit_args("--host=0.0.0.0", "--host=127.0.0.1")),
     "probe on gRPC port": ("base", check_probes, "readinessProbe probes port 50051",
                            _set(_container, "readinessProbe", "grpc", "port", 50051)),
@@ -693,8 +773,14 @@ MUTATIONS = {
     "short startup": ("base", check_probes, "startupProbe allows",
                       _set(_container, "startupProbe", "failureThreshold", 3)),
     "no startup probe": ("base", check_probes, "startupProbe: missing", lambda o: _container(o).pop("startupProbe")),
-    "bad targetPort": ("base", check_services, "targetPort 'http'",
-                       _set(lambda o: one(o, "Service", "tokenwire")["spec"]["ports"][0], "targetPort", "http")),
+    "bad targetPort": ("base", check_services, "targetPort 'grpcs'",
+                       _set(_named(_service_ports("tokenwire"), "grpc"), "targetPort", "grpcs")),
+    "bad http targetPort": ("base", check_services, "targetPort 'https'",
+                            _set(_named(_service_ports("tokenwire"), "http"), "targetPort", "https")),
+    "http targets grpc": ("base", check_services, "no port http targeting",
+                          _set(_named(_service_ports("tokenwire"), "http"), "targetPort", "grpc")),
+    "headless without http": ("base", check_services, "tokenwire-headless has no port http",
+                              _drop_port("tokenwire-headless", "http")),
     "headless not headless": ("base", check_services, "headless",
                               lambda o: one(o, "Service", "tokenwire-headless")["spec"].pop("clusterIP")),
     "service selects nothing": ("base", check_services, "does not select",
@@ -733,6 +819,8 @@ MUTATIONS = {
                      _set(lambda o: one(o, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], "x", "y")),
     "policy port": ("base", check_companions, "'grpcs'",
                     _set(lambda o: one(o, "NetworkPolicy")["spec"]["ingress"][0]["ports"][0], "port", "grpcs")),
+    "policy without http": ("base", check_companions, "admits port http from no one", _policy_move("http")),
+    "http open to all": ("base", check_companions, "admits port http from anyone", _policy_move("http", "health")),
     "policy clients": ("base", check_companions, "tokenwire-client=true",
                        _set(lambda o: one(o, "NetworkPolicy")["spec"]["ingress"][0]["from"][0]["podSelector"],
                             "matchLabels", {"app": "anyone"})),
@@ -786,7 +874,8 @@ DOCKERFILE_MUTATIONS = {
     "entrypoint without serve": ('ENTRYPOINT ["tokenwire-server", "serve"]', 'ENTRYPOINT ["tokenwire-server"]',
                                  check_parses, "rejects argv"),
     "root user": ("USER 10001:10001", "USER root", check_security, "numeric, non-root"),
-    "port not exposed": ("EXPOSE 50051 50052 9090", "EXPOSE 50051", check_ports, "EXPOSE"),
+    "port not exposed": ("EXPOSE 50051 8000 50052 9090", "EXPOSE 50051", check_ports, "EXPOSE"),
+    "http port not exposed": ("EXPOSE 50051 8000 50052 9090", "EXPOSE 50051 50052 9090", check_ports, "EXPOSE"),
     "model not copied": ("COPY --from=model /models /models", "", check_env_sources, "does not copy"),
     "bad image env": ("TOKENWIRE_HOME=/models", "TOKENWIRE_HOME=/models TOKENWIRE_NO_SUCH=1", check_env_names,
                       "TOKENWIRE_NO_SUCH"),

@@ -27,6 +27,7 @@ class RpcCall:
     method: str
     request_id: str
     peer: str
+    protocol: str = "grpc"  # or "http" (api/http.py)
     start: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # monotonic: the client's deadline, if it set one
     code: str | None = None  # the final gRPC status code name, once known
@@ -41,8 +42,8 @@ class RpcCall:
 
     def fields(self, model: str, now: float | None = None) -> dict:
         now = time.monotonic() if now is None else now
-        out = {"request_id": self.request_id, "method": self.method, "status": self.code, "model": model,
-               "prompt_tokens": self.prompt_tokens}
+        out = {"request_id": self.request_id, "protocol": self.protocol, "method": self.method, "status": self.code,
+               "model": model, "prompt_tokens": self.prompt_tokens}
         if self.generation is not None:
             out.update(self.generation.fields())
         out["total_seconds"] = round(now - self.start, 4)
@@ -83,16 +84,27 @@ class GenerationLog:
                 "finish_reason": ",".join(self.finish_reasons) or None}
 
 
+def _request_id(sent) -> str:
+    """The client's request id when it sent a usable one, else a new one."""
+    return sent if isinstance(sent, str) and _VALID_ID.fullmatch(sent) else uuid.uuid4().hex
+
+
 def begin(method: str, context: grpc.aio.ServicerContext) -> RpcCall:
     """Open the call: take the client's request id (or make one) and make it current."""
     sent = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID), None)
-    request_id = sent if isinstance(sent, str) and _VALID_ID.fullmatch(sent) else uuid.uuid4().hex
-    call = RpcCall(method, request_id, context.peer() or "")
+    call = RpcCall(method, _request_id(sent), context.peer() or "")
     remaining = context.time_remaining()  # read now: once the call is torn down it means nothing
     if remaining is not None:
         call.deadline = call.start + remaining
     _current.set(call)  # each RPC runs in a task (and so a context) of its own
     context.set_trailing_metadata(call.metadata)  # failures carry it too
+    return call
+
+
+def begin_http(method: str, sent_id: str | None, peer: str) -> RpcCall:
+    """Open an HTTP request's call (api/http.py): the same id rule, log line and counters."""
+    call = RpcCall(method, _request_id(sent_id), peer, protocol="http")
+    _current.set(call)  # each request runs in a task of its own
     return call
 
 
@@ -123,7 +135,7 @@ def end(call: RpcCall, servicer) -> None:
         call.code = cancelled_code(call)
     metrics = getattr(servicer, "metrics", None)
     if metrics is not None:
-        metrics.on_rpc(call.method, call.code)
+        metrics.on_rpc(call.method, call.code, call.protocol)
     engine = getattr(servicer, "_engine", None)
     model = engine.engine.name if engine is not None else ""
     request_log.info("%s %s", call.method, call.code, extra={"fields": call.fields(model)})

@@ -65,17 +65,17 @@ class TokenwireServicer(pb_grpc.TokenwireServicer):
 
     @rpc_errors
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> bytes:
-        response, tokens = await self._text_workers().call(text_workers.tokenize, request)
+        response, tokens = await self.ready_text_workers().call(text_workers.tokenize, request)
         note(prompt_tokens=tokens, prompt=list(request.texts) if self.log_prompts else None)
         return response
 
     @rpc_errors
     async def Detokenize(self, request: pb.DetokenizeRequest, context) -> bytes:
-        response, ids = await self._text_workers().call(text_workers.detokenize, request)
+        response, ids = await self.ready_text_workers().call(text_workers.detokenize, request)
         note(prompt_tokens=ids)
         return response
 
-    def _text_workers(self) -> TextWorkers:
+    def ready_text_workers(self) -> TextWorkers:
         _ = self.engine  # raises at once while loading or draining
         return self.text_workers
 
