@@ -76,10 +76,12 @@ def test_streams_concatenate_to_the_whole(sdk, model):
     messages = [{"role": "user", "content": "Say hello."}]
     whole = sdk.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
     chunks = list(sdk.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
-                                              stream=True))
+                                              stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
-    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        whole.choices[0].message.content
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and not chunks[-1].choices
 
 
 def test_n_samples_and_several_prompts(sdk, model):
@@ -159,6 +161,9 @@ def test_tokenizer_endpoints(served, model, tokenizer):
     ids = httpx.post(base + "/tokenize", json={"prompt": "Hello world", "add_special_tokens": False}).json()["tokens"]
     assert ids == tokenizer.encode("Hello world", add_special_tokens=False)
     assert httpx.post(base + "/detokenize", json={"tokens": ids}).json() == {"prompt": "Hello world"}
+    messages = [{"role": "user", "content": "Hi <|im_end|>"}]  # (content stays text)
+    chat = httpx.post(base + "/tokenize", json={"messages": messages}).json()
+    assert chat["tokens"] == tokenizer.encode_chat(messages) and chat["count"] == len(chat["tokens"])
     info = httpx.get(base + "/tokenizer_info").json()
     assert info["eos_token"] == "<|im_end|>" and "im_start" in info["chat_template"]
     bad = httpx.post(base + "/detokenize", json={"tokens": "nope"})
@@ -204,6 +209,13 @@ def test_structured_output_through_response_format(sdk, model):
     assert set(json.loads(r.choices[0].message.content)) == {"city"}
     r = sdk.completions.create(model=model, prompt="Pick one:", max_tokens=5, extra_body={"guided_choice": ["a", "b"]})
     assert r.choices[0].text in ("a", "b")
+    r = sdk.completions.create(model=model, prompt="A number:", max_tokens=8, extra_body={
+        "guided_grammar": 'start: /[1-9][0-9]{0,3}/'})
+    assert r.choices[0].text.isdigit()
+    r = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "JSON please"}], max_tokens=30,
+                                    extra_body={"guided_json": {"type": "object", "properties": {"ok": {
+                                        "type": "boolean"}}, "required": ["ok"], "additionalProperties": False}})
+    assert json.loads(r.choices[0].message.content)["ok"] in (True, False)
     with pytest.raises(openai.BadRequestError) as e:
         sdk.completions.create(model=model, prompt="x", extra_body={"guided_regex": "a(b"})
     assert e.value.body["param"] == "guided_regex"
