@@ -428,3 +428,54 @@ def test_a_response_too_large_to_send_is_refused_before_it_is_built(served):
         assert "return_tokens" in e.value.details()
         counted = pb_grpc.TokenwireStub(channel).Tokenize(pb.TokenizeRequest(texts=texts), timeout=120)
         assert counted.results[0].token_count == 31_000  # without spans the same texts are fine
+
+
+def test_the_workers_of_a_killed_server_exit(model_path, tmp_path):
+    """SIGKILL (the OOM killer) gives the server no chance to stop its Tokenize workers: they
+    must notice and exit, not live on orphaned."""
+    port, health_port = free_ports(2)
+    with open(tmp_path / "server.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tokenwire_server.main", "serve", "--model", str(model_path), "--host",
+             "127.0.0.1", "--port", str(port), "--health-port", str(health_port), "--threads", "1",
+             "--http-port", "0", "--metrics-port", "0"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        end = time.monotonic() + 120
+        while health_status(f"127.0.0.1:{health_port}", "") != "SERVING":  # the workers start before readiness
+            assert process.poll() is None and time.monotonic() < end, (tmp_path / "server.log").read_text()
+            time.sleep(0.1)
+        workers = children(process.pid)
+        assert len(workers) >= 2
+    finally:
+        process.kill()
+        process.wait(10)
+    end = time.monotonic() + 10
+    while any(alive(pid) for pid in workers) and time.monotonic() < end:
+        time.sleep(0.1)
+    orphans = [pid for pid in workers if alive(pid)]
+    for pid in orphans:  # (not left behind by a failing run)
+        os.kill(pid, signal.SIGKILL)
+    assert not orphans, "orphaned workers live on"
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is pid (Linux /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

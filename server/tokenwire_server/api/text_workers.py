@@ -9,13 +9,16 @@ process has a GIL of its own.
 
 The workers import no torch (this module must not either): they start in about a second and
 hold the tokenizer only. They run at a lower CPU priority, so on a busy machine the engine
-comes first. A worker that dies fails the calls it had, and the pool starts afresh."""
+comes first. A worker that dies fails the calls it had, and the pool starts afresh; a worker
+whose server dies exits too."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -27,6 +30,7 @@ from ..tokenizer import Tokenizer, named_encoding
 from ..tokenizer.offsets import token_spans
 
 WORKERS = 2
+PARENT_CHECK_SECONDS = 1.0
 NICE = 10  # CFS weights: a nice-10 process gets about a tenth of a core the engine wants
 
 
@@ -80,6 +84,17 @@ def _start(tokenizer: Tokenizer, limits: Limits) -> None:
         os.nice(NICE)
     except (AttributeError, OSError):  # not here, or not allowed: normal priority
         pass
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="tokenwire-orphan-watch",
+                     daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A server killed outright (SIGKILL, the OOM killer) cannot shut its pool down, and a
+    worker waiting for work never notices (it holds its queue's pipe open itself): without
+    this it would live on, orphaned, holding its memory."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(0)
 
 
 def _ready() -> bool:
