@@ -83,7 +83,6 @@ class HttpApi:
             Route("/tokenizer_info", self.tokenizer_info, methods=["GET"]),
         ])
         self._server: uvicorn.Server | None = None
-        self.port: int | None = None
 
     # ---- lifecycle ----
 
@@ -108,8 +107,7 @@ class HttpApi:
         self._server = uvicorn.Server(config)  # started by hand: serve() would take over SIGTERM
         self._server.lifespan = config.lifespan_class(config)
         await self._server.startup(sockets=[sock])
-        self.port = sock.getsockname()[1]
-        return self.port
+        return sock.getsockname()[1]
 
     async def stop(self, grace: float | None) -> None:
         """Let requests in flight finish for up to `grace` seconds while new ones get 503 (the
@@ -324,7 +322,6 @@ class _Choice:
 
     def __init__(self, index: int, tok, prompt_ids: tuple[int, ...]):
         self.index = index
-        self.text = ""
         self.tokens = []
         self.finish = None
         self.legacy = openai.LegacyLogprobs(tok)
