@@ -479,3 +479,24 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _start_worker_then_wait(server: int) -> None:
+    from tokenwire_server.api import text_workers
+    from tokenwire_server.limits import Limits
+    text_workers._start(None, Limits(), server)
+    time.sleep(30)
+
+
+def test_a_worker_that_starts_after_its_server_died_exits():
+    """A server killed while a worker was still importing: the worker finds another parent
+    already when it starts, and must still see that its server is gone."""
+    import multiprocessing
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    worker = multiprocessing.get_context("spawn").Process(target=_start_worker_then_wait, args=(gone.pid,))
+    worker.start()
+    worker.join(20)
+    if worker.is_alive():
+        worker.kill()
+    assert worker.exitcode == 0, "the worker lived on"

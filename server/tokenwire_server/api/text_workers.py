@@ -44,7 +44,7 @@ class TextWorkers:
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn: forking a process that runs threads (gRPC, OpenMP) can copy held locks.
         return ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_start, initargs=(self.tokenizer, self.limits))
+                                   initializer=_start, initargs=(self.tokenizer, self.limits, os.getpid()))
 
     async def call(self, fn, *args):
         """fn(*args) in a worker; a worker that dies meanwhile is WorkerLost."""
@@ -77,14 +77,16 @@ _tokenizer: Tokenizer | None = None
 _limits = Limits()
 
 
-def _start(tokenizer: Tokenizer, limits: Limits) -> None:
+def _start(tokenizer: Tokenizer, limits: Limits, server: int) -> None:
     global _tokenizer, _limits
     _tokenizer, _limits = tokenizer, limits
     try:
         os.nice(NICE)
     except (AttributeError, OSError):  # not here, or not allowed: normal priority
         pass
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="tokenwire-orphan-watch",
+    # The server's pid, not os.getppid() here: a server killed while this worker was still
+    # starting has already left it with another parent.
+    threading.Thread(target=_exit_with_parent, args=(server,), name="tokenwire-orphan-watch",
                      daemon=True).start()
 
 
