@@ -48,7 +48,8 @@ def test_unsupported_gguf_architecture(tmp_path):
     w = GGUFWriter(str(path), "mamba")
     w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    with pytest.raises(CheckpointError, match="architecture 'mamba' is not supported"):
+    with pytest.raises(CheckpointError, match=r"architecture 'mamba' is not supported \(supported: llama, qwen2, "
+                                              r"qwen3, gemma2, gemma3, phi3\)"):
         load_model(path)
 
 
@@ -85,7 +86,9 @@ def test_shape_mismatch_and_bad_config(tiny_llama_dir):
     with pytest.raises(CheckpointError, match=r"feed_forward\.w\d\.weight has shape \((16, 32|32, 16)\), expected"):
         load_model(tiny_llama_dir)
     config_path.write_text(json.dumps({**config, "architectures": ["MambaForCausalLM"]}))
-    with pytest.raises(CheckpointError, match="'MambaForCausalLM' is not supported"):
+    with pytest.raises(CheckpointError, match=r"'MambaForCausalLM' is not supported \(supported: LlamaForCausalLM, "
+                                              r"MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                                              r"Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel\)"):
         load_model(tiny_llama_dir)
     config_path.write_text("{broken")
     with pytest.raises(CheckpointError, match="config.json: cannot read JSON"):

@@ -129,10 +129,11 @@ class LLMEngine:
             reader = open_gguf(path)  # indexing a GGUF takes seconds: read it once for both
             tokenizer = Tokenizer.from_gguf(reader, path)
             int4_rows = config.int4_max_rows if torch_dtype != torch.float32 else 0
-            model = load_model(path, torch_dtype, dev, reader=reader, int4_max_rows=int4_rows)
+            model = load_model(path, torch_dtype, dev, reader=reader, int4_max_rows=int4_rows,
+                               max_context=config.max_model_len)
         else:
             tokenizer = Tokenizer.from_hf_dir(path)
-            model = load_model(path, torch_dtype, dev)
+            model = load_model(path, torch_dtype, dev, max_context=config.max_model_len)
         log.info("loaded %s: %s, %s on %s", path, model.config.architecture, torch_dtype, dev)
         return cls(model, tokenizer, dev, torch_dtype, name or path.stem, config)
 

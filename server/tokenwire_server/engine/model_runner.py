@@ -85,14 +85,16 @@ class ModelRunner:
             tables = self._tables([s for s, _ in decode_rows])
             meta.decode_key_slots = tables.gather(1, pos // bs) * bs + pos % bs
             meta.decode_mask = (torch.arange(S, device=dev)[None] < lengths[:, None])[:, None]
+            meta.decode_positions = lengths - 1
         for row, n, seq, start in segments:
             K = self._key_count(start + n)
             # Padded positions repeat the last key, as for decode rows above.
             pos = torch.arange(K, device=dev).clamp(max=start + n - 1)
             key_slots = self._slots(self._tables([seq]), pos)[0]
             q_pos = torch.arange(start, start + n, device=dev)
-            mask = (torch.arange(K, device=dev)[None] <= q_pos[:, None])[None, None]
-            meta.segments.append(Segment(row, row + n, key_slots, mask))
+            key_pos = torch.arange(K, device=dev)
+            mask = (key_pos[None] <= q_pos[:, None])[None, None]
+            meta.segments.append(Segment(row, row + n, key_slots, mask, q_pos, key_pos))
         with self._threads_for(len(tokens)), linear.batch_invariant(self.batch_invariant):
             logits = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), meta,
                                 torch.tensor(wanted, dtype=torch.long, device=dev))

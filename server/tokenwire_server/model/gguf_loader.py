@@ -23,22 +23,35 @@ _LAYER_NAMES = {
     "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
     "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
     "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+    "attn_q_norm": "attention.q_norm", "attn_k_norm": "attention.k_norm",
+    "post_attention_norm": "post_attention_norm", "post_ffw_norm": "post_ffn_norm",
 }
 _TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+# llama.cpp's architecture names -> our families. Mistral's files say "llama".
+FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3",
+            "phi3": "phi3"}
+# Tensors folded into the config, not the model's weights.
+_CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def read_config(reader: GGUFReader, path: Path) -> ModelConfig:
     arch = metadata(reader, "general.architecture")
-    if arch != "llama":
-        raise CheckpointError(path, f"GGUF architecture {arch!r} is not supported (supported: llama)")
+    family = FAMILIES.get(arch)
+    if family is None:
+        raise CheckpointError(path, f"GGUF architecture {arch!r} is not supported "
+                                    f"(supported: {', '.join(FAMILIES)})")
 
     def need(key):
-        value = metadata(reader, f"llama.{key}")
+        value = metadata(reader, f"{arch}.{key}")
         if value is None:
-            raise CheckpointError(path, f"GGUF metadata llama.{key} is missing")
+            raise CheckpointError(path, f"GGUF metadata {arch}.{key} is missing")
         return value
 
-    n_heads = need("attention.head_count")
+    def get(key, default=None):
+        return metadata(reader, f"{arch}.{key}", default)
+
+    n_heads, n_layers, dim = need("attention.head_count"), need("block_count"), need("embedding_length")
+    head_dim = get("attention.key_length", dim // n_heads)
     tensors = {t.name: t for t in reader.tensors}
     embd = tensors.get("token_embd.weight")
     if embd is None:
@@ -47,25 +60,55 @@ def read_config(reader: GGUFReader, path: Path) -> ModelConfig:
     if "rope_freqs.weight" in tensors:
         factors = tuple(float(x) for x in _dequantize(tensors["rope_freqs.weight"], path))
     scaling = None
-    if metadata(reader, "llama.rope.scaling.type") == "linear":
+    if get("rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
-    dim = need("embedding_length")
+    if "rope_factors_long.weight" in tensors:  # Phi-3's longrope
+        scaling = {"rope_type": "longrope",
+                   "long_factor": _dequantize(tensors["rope_factors_long.weight"], path).tolist(),
+                   "short_factor": _dequantize(tensors["rope_factors_short.weight"], path).tolist(),
+                   "original_max_position_embeddings": need("rope.scaling.original_context_length"),
+                   "attention_factor": float(get("rope.scaling.attn_factor", 1.0))}
+    gemma = family.startswith("gemma")
+    window = get("attention.sliding_window", 0) or 0
+    windows = ()
+    if window and family in ("gemma2", "gemma3", "phi3", "llama"):
+        # Gemma: every 2nd (Gemma 2) or 6th (Gemma 3) layer attends to all keys, unless the
+        # file lists them; the others, all of them. As llama.cpp reads it.
+        pattern = get("attention.sliding_window_pattern", {"gemma2": 2, "gemma3": 6}.get(family, 0))
+        if isinstance(pattern, list):
+            windows = tuple(window if swa else 0 for swa in pattern)
+        else:
+            windows = tuple(window if not pattern or i % pattern < pattern - 1 else 0 for i in range(n_layers))
+    # llama.cpp scales Gemma's queries by head_dim ** -0.5, except for the 27B sizes (46 and
+    # 62 layers), whose query_pre_attn_scalar is dim / n_heads; the files do not say.
+    attn_scale = 0.0
+    if gemma:
+        attn_scale = (dim / n_heads if (family, n_layers) in (("gemma2", 46), ("gemma3", 62)) else head_dim) ** -0.5
     return ModelConfig(
-        architecture="llama",
+        architecture=family,
         vocab_size=int(embd.shape[1]),
         dim=dim,
-        n_layers=need("block_count"),
+        n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=metadata(reader, "llama.attention.head_count_kv", n_heads),
+        n_kv_heads=get("attention.head_count_kv", n_heads),
         hidden_dim=need("feed_forward_length"),
         max_seq_len=need("context_length"),
         norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        head_dim=metadata(reader, "llama.attention.key_length", dim // n_heads),
+        head_dim=head_dim,
         tie_embeddings="output.weight" not in tensors,
-        rope_theta=float(metadata(reader, "llama.rope.freq_base", 10000.0)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
         rope_scaling=scaling,
         rope_freq_factors=factors,
+        rotary_dim=get("rope.dimension_count", 0) if family == "phi3" else 0,
         name=metadata(reader, "general.name", path.stem),
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        gemma=gemma,
+        attn_scale=attn_scale,
+        attn_softcap=float(get("attn_logit_softcapping", 0.0) or 0.0) if gemma else 0.0,
+        final_softcap=float(get("final_logit_softcapping", 0.0) or 0.0) if gemma else 0.0,
+        layer_windows=windows if any(windows) else (),
+        local_rope_theta=float(get("rope.freq_base_swa", 10000.0)) if family == "gemma3" and windows else 0.0,
     )
 
 
@@ -86,20 +129,51 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _model_name(tensor_name: str, path: Path) -> str:
+def _model_names(tensor_name: str, path: Path) -> list[str]:
+    """The model's names for a GGUF tensor: two for Phi-3's fused gate and up."""
     parts = tensor_name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
-        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if parts[0] == "blk" and len(parts) == 4:
+        if parts[2] == "attn_qkv":
+            return [f"layers.{parts[1]}.attention.{n}.{parts[3]}" for n in ("wq", "wk", "wv")]
+        if parts[2] in _LAYER_NAMES:
+            return [f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"]
     if len(parts) == 2 and parts[0] in _TOP_NAMES:
-        return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
+        return [f"{_TOP_NAMES[parts[0]]}.{parts[1]}"]
     raise CheckpointError(path, f"unexpected tensor {tensor_name}")
 
 
 def _row_order(tensor_name: str, rows: int, config: ModelConfig) -> np.ndarray | None:
-    """The un-permutation of Q and K rows (None for other tensors)."""
+    """The un-permutation of a Llama file's Q and K rows (None for other tensors and families:
+    llama.cpp permutes only the Llama architecture's)."""
     kind = tensor_name.split(".")[-2]
     heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}.get(kind)
-    return None if heads is None else _unpermute(np.arange(rows), heads)
+    return None if heads is None or config.architecture not in ("llama", "mistral") else _unpermute(np.arange(rows), heads)
+
+
+def _split_rows(tensor_name: str, rows: int, config: ModelConfig) -> list[int] | None:
+    """Row counts of the parts of a fused tensor (None for others)."""
+    kind = tensor_name.split(".")[-2]
+    if kind == "attn_qkv":
+        kv = config.n_kv_heads * config.head_dim
+        return [config.n_heads * config.head_dim, kv, kv]
+    if kind == "ffn_up" and config.architecture == "phi3":  # gate rows, then up rows
+        return [rows // 2, rows // 2]
+    return None
+
+
+def _placed(tensor_name: str, w, config: ModelConfig, path: Path) -> dict:
+    """A tensor's rows (a numpy array or a Q4Weight), reordered or split, under the model's names."""
+    order = _row_order(tensor_name, w.shape[0], config)
+    if order is not None:
+        w = w[order]
+    names = _model_names(tensor_name, path)
+    sizes = _split_rows(tensor_name, w.shape[0], config)
+    if sizes is None:
+        return {names[0]: w}
+    if len(sizes) == 2:  # Phi-3's ffn_up holds gate then up
+        names = [names[0].replace("feed_forward.w3", "feed_forward.w1"), names[0]]
+    bounds = np.cumsum([0] + sizes)
+    return {n: w[a:b] for n, a, b in zip(names, bounds, bounds[1:])}
 
 
 def read_weights(reader: GGUFReader, config: ModelConfig, path: Path,
@@ -107,14 +181,13 @@ def read_weights(reader: GGUFReader, config: ModelConfig, path: Path,
     """Every tensor dequantized to `dtype`, under the model's parameter names."""
     weights = {}
     for t in progress(reader.tensors, len(reader.tensors), f"loading {path.name}"):
-        if t.name == "rope_freqs.weight":
-            continue  # folded into the config
-        name = _model_name(t.name, path)
+        if t.name in _CONFIG_TENSORS:
+            continue
         w = _dequantize(t, path)
-        order = _row_order(t.name, w.shape[0], config)
-        if order is not None:
-            w = w[order]
-        weights[name] = torch.from_numpy(np.require(w, requirements=["C", "W"])).to(dtype)
+        if config.gemma and t.name.endswith("norm.weight"):
+            w = w - 1  # llama.cpp's converter stores Gemma's (1 + weight); the model adds the 1
+        for name, part in _placed(t.name, w, config, path).items():
+            weights[name] = torch.from_numpy(np.require(part, requirements=["C", "W"])).to(dtype)
     return weights
 
 
@@ -123,8 +196,6 @@ def read_q4(reader: GGUFReader, config: ModelConfig, path: Path) -> dict[str, Q4
     out = {}
     for t in reader.tensors:
         kind = GGMLQuantizationType(t.tensor_type).name
-        if kind in ("Q4_0", "Q4_1") and t.data.ndim == 2:
-            q4 = unpack(np.asarray(t.data), kind)
-            order = _row_order(t.name, q4.codes.shape[0], config)
-            out[_model_name(t.name, path)] = q4 if order is None else q4.rows(order)
+        if kind in ("Q4_0", "Q4_1") and t.data.ndim == 2 and t.name not in _CONFIG_TENSORS:
+            out.update(_placed(t.name, unpack(np.asarray(t.data), kind), config, path))
     return out

@@ -28,8 +28,13 @@ class Q4Weight:
     scale: np.ndarray  # (N, K / 32) float32
     minimum: np.ndarray  # (N, K / 32) float32: the value of code 0
 
-    def rows(self, order: np.ndarray) -> Q4Weight:
-        return Q4Weight(self.codes[order], self.scale[order], self.minimum[order])
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+    def __getitem__(self, rows) -> Q4Weight:
+        """Some output rows (an index array or a slice), as a numpy array's rows would be."""
+        return Q4Weight(self.codes[rows], self.scale[rows], self.minimum[rows])
 
 
 def unpack(data: np.ndarray, kind: str) -> Q4Weight:
@@ -48,11 +53,12 @@ def unpack(data: np.ndarray, kind: str) -> Q4Weight:
 
 
 class Int4Linear(nn.Module):
-    """A bias-free Linear that multiplies small batches with the 4-bit weights."""
+    """A Linear that multiplies small batches with the 4-bit weights."""
 
     def __init__(self, linear: nn.Linear, q4: Q4Weight, max_rows: int):
         super().__init__()
         self.weight = linear.weight  # the dequantized weight, for larger batches (same parameter)
+        self.bias = linear.bias  # Qwen2's q, k and v have one
         self.max_rows = max_rows
         dtype = linear.weight.dtype
         codes = torch.from_numpy(q4.codes.astype(np.int32))
@@ -66,8 +72,9 @@ class Int4Linear(nn.Module):
         # Batch-invariant steps take the 4-bit kernel at every size: its rows never depend on
         # each other (measured at 1 to 600 rows), where a switch by step size would.
         if x.shape[0] <= self.max_rows or invariant():
-            return torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
-        return F.linear(x, self.weight)
+            y = torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
 
 
 def attach(model: nn.Module, weights: dict[str, Q4Weight], max_rows: int) -> int:
@@ -75,7 +82,7 @@ def attach(model: nn.Module, weights: dict[str, Q4Weight], max_rows: int) -> int
     count = 0
     for name, module in list(model.named_modules()):
         q4 = weights.get(f"{name}.weight")
-        if isinstance(module, nn.Linear) and module.bias is None and q4 is not None:
+        if isinstance(module, nn.Linear) and q4 is not None:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, Int4Linear(module, q4, max_rows))
             count += 1

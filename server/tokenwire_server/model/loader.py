@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -10,9 +11,9 @@ from torch import nn
 from ..errors import CheckpointError
 from ..checkpoint_files import open_gguf
 from . import gguf_loader, int4, safetensors_loader
-from .config import ModelConfig
+from .config import DECODER_FAMILIES, ModelConfig
 from .gpt2 import GPT2
-from .llama import Llama
+from .decoder import Decoder
 
 GGUF_MAGIC = b"GGUF"
 
@@ -38,27 +39,34 @@ def read_config(path: Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", reader=None, int4_max_rows: int = 0) -> nn.Module:
+               device: str | torch.device = "cpu", reader=None, int4_max_rows: int = 0,
+               max_context: int | None = None) -> nn.Module:
     """reader: an already opened GGUFReader of `path`, to avoid indexing the file twice.
     int4_max_rows > 0: on CPU, layers stored as Q4_0/Q4_1 multiply batches of at most that
-    many rows with their 4-bit weights as stored (see int4.py)."""
+    many rows with their 4-bit weights as stored (see int4.py). max_context: serve a shorter
+    context than the model was trained for (Phi-3's rotary factors depend on it)."""
     path = Path(path)
-    if checkpoint_kind(path) == "hf":
+    hf = checkpoint_kind(path) == "hf"
+    if hf:
         config = safetensors_loader.read_config(path)
-        weights = safetensors_loader.read_weights(path, config, dtype)
     else:
         reader = reader or open_gguf(path)
         config = gguf_loader.read_config(reader, path)
+    if max_context and max_context < config.max_seq_len:
+        config = dataclasses.replace(config, max_seq_len=max_context)
+    if hf:
+        weights = safetensors_loader.read_weights(path, config, dtype)
+    else:
         weights = gguf_loader.read_weights(reader, config, path, dtype)
     model = build_model(config, weights, path)
-    if int4_max_rows > 0 and reader is not None and torch.device(device).type == "cpu":
+    if int4_max_rows > 0 and not hf and torch.device(device).type == "cpu":
         int4.attach(model, gguf_loader.read_q4(reader, config, path), int4_max_rows)
     return model.to(device).eval().requires_grad_(False)
 
 
 def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], path: Path) -> nn.Module:
     """Make the module without allocating, check every tensor's name and shape, then assign."""
-    cls = Llama if config.architecture == "llama" else GPT2
+    cls = Decoder if config.architecture in DECODER_FAMILIES else GPT2
     with torch.device("meta"):
         model = cls(config)
     model.tie_weights()
