@@ -241,7 +241,7 @@ class HttpApi:
             tok = llm.tokenizer
             eos = tok.token_bytes(tok.eos_ids[0]).decode("utf-8", "replace") if tok.eos_ids else None
             bos = tok.token_bytes(tok.bos_id).decode("utf-8", "replace") if tok.bos_id is not None else None
-            return JSONResponse({"tokenizer_class": "tiktoken", "eos_token": eos, "bos_token": bos, "pad_token": None,
+            return JSONResponse({"tokenizer_class": type(tok.backend).__name__, "eos_token": eos, "bos_token": bos, "pad_token": None,
                                  "eos_token_ids": list(tok.eos_ids), "add_bos_token": tok.add_bos,
                                  "model_max_length": llm.context_len,
                                  "chat_template": tok.chat_template.source if tok.chat_template else None})

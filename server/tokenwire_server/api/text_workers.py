@@ -21,6 +21,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 
 from tokenwire.v1 import tokenwire_pb2 as pb
 
@@ -119,13 +120,14 @@ def tokenize(request: pb.TokenizeRequest) -> tuple[bytes, int]:
             prefix, token_bytes = [], encoding.decode_single_token_bytes
             ids = (encoding.encode(text, allowed_special="all") if request.allow_special
                    else encoding.encode_ordinary(text))
+            spans = partial(_spans_by_bytes, token_bytes)
         else:
-            prefix, token_bytes = tok.prefix_ids(request.add_special_tokens), tok.token_bytes
+            prefix, token_bytes, spans = tok.prefix_ids(request.add_special_tokens), tok.token_bytes, tok.spans
             ids = tok.encode(text, add_special_tokens=False, allow_special=request.allow_special)
-        encoded.append((prefix, ids, token_bytes, text))
+        encoded.append((prefix, ids, token_bytes, spans, text))
     # Encoding is fast; token spans are not: refuse a response that cannot be sent before
     # building it (each kept id takes at least 1 byte, each span at least 9).
-    kept = sum(min(len(p) + len(ids), keep or len(p) + len(ids)) for p, ids, _, _ in encoded)
+    kept = sum(min(len(p) + len(ids), keep or len(p) + len(ids)) for p, ids, *_ in encoded)
     at_least = kept * (10 if request.return_tokens else 1)
     if at_least > MAX_SEND_BYTES:
         raise ResponseTooLarge(f"the response would take over {at_least >> 20} MiB, more than the "
@@ -133,8 +135,8 @@ def tokenize(request: pb.TokenizeRequest) -> tuple[bytes, int]:
                                + (" or leave return_tokens off" if request.return_tokens else ""))
     # Serialized result by result: the pieces concatenate into the whole response.
     pieces, tokens, size = [], 0, 0
-    for prefix, ids, token_bytes, text in encoded:
-        result = tokenize_result(prefix, ids, token_bytes, text, keep, request.return_tokens)
+    for prefix, ids, token_bytes, spans, text in encoded:
+        result = tokenize_result(prefix, ids, token_bytes, spans, text, keep, request.return_tokens)
         tokens += result.original_token_count
         pieces.append(pb.TokenizeResponse(results=[result]).SerializeToString())
         size += len(pieces[-1])
@@ -144,20 +146,25 @@ def tokenize(request: pb.TokenizeRequest) -> tuple[bytes, int]:
     return b"".join(pieces), tokens
 
 
-def tokenize_result(prefix: list[int], ids: list[int], token_bytes, text: str, keep: int | None,
+def _spans_by_bytes(token_bytes, text: str, ids: list[int]):
+    """Spans of a byte-level encoding's tokens, whose bytes concatenate to text."""
+    return token_spans([token_bytes(t) for t in ids], text)
+
+
+def tokenize_result(prefix: list[int], ids: list[int], token_bytes, spans, text: str, keep: int | None,
                     return_tokens: bool) -> pb.TokenizeResult:
-    """prefix: added special tokens (empty spans); ids: the text's own tokens."""
+    """prefix: added special tokens (empty spans); ids: the text's own tokens; spans(text, ids):
+    where each came from in text (the tokenizer's, which knows its normalizer and prefix space)."""
     all_ids = prefix + ids
     first = 0 if keep is None else max(0, len(all_ids) - keep)
     result = pb.TokenizeResult(ids=all_ids[first:], token_count=len(all_ids) - first,
                                original_token_count=len(all_ids))
     if return_tokens:
-        pieces = [token_bytes(t) for t in ids]
-        spans = [pb.TokenSpan(text=token_bytes(t).decode("utf-8", "replace")) for t in prefix]
-        spans += [pb.TokenSpan(text=piece.decode("utf-8", "replace"), byte_start=bs, byte_end=be,
-                               char_start=cs, char_end=ce)
-                  for piece, (bs, be, cs, ce) in zip(pieces, token_spans(pieces, text))]
-        result.tokens.extend(spans[first:])
+        tokens = [pb.TokenSpan(text=token_bytes(t).decode("utf-8", "replace")) for t in prefix]
+        tokens += [pb.TokenSpan(text=token_bytes(t).decode("utf-8", "replace"), byte_start=bs, byte_end=be,
+                                char_start=cs, char_end=ce)
+                   for t, (bs, be, cs, ce) in zip(ids, spans(text, ids))]
+        result.tokens.extend(tokens[first:])
     return result
 
 

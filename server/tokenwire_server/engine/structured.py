@@ -2,12 +2,12 @@
 of strings or a Lark grammar) compiled by llguidance, and per sample a matcher that gives the
 tokens allowed next and follows the tokens sampled.
 
-llguidance builds its tokenizer from our tiktoken Encoding, so masks are over our exact
-vocabulary, and the end tokens are allowed only where the constraint accepts. Compiling runs
-off the engine thread, bounded in time and by llguidance's parser limits (which also bound
-the work of each step's mask), and its result is cached by the constraint's text; the engine
-thread only copies a compiled, unused matcher for each sample, and each step's masks are
-filled while the model computes that step."""
+llguidance's tokenizer is built by ours (from its tiktoken Encoding or its tokenizer.json), so
+masks are over our exact vocabulary, and the end tokens are allowed only where the constraint
+accepts. Compiling runs off the engine thread, bounded in time and by llguidance's parser
+limits (which also bound the work of each step's mask), and its result is cached by the
+constraint's text; the engine thread only copies a compiled, unused matcher for each sample,
+and each step's masks are filled while the model computes that step."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import llguidance
-import llguidance.tiktoken
 import numpy as np
 import torch
 
@@ -127,9 +126,7 @@ class ConstraintCompiler:
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._tokenizer is None:
-                t = self._source
-                self._tokenizer = llguidance.tiktoken.lltokenizer_from_encoding(
-                    t.encoding, n_vocab=self._vocab_size, eos_token=list(t.eos_ids))
+                self._tokenizer = self._source.lltokenizer(self._vocab_size)
             return self._tokenizer
 
     def _build(self, kind: str, text: str, field: str) -> Constraint:

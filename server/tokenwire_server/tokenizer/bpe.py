@@ -13,8 +13,11 @@ SMOLLM_PATTERN = (r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+"
                   r"""|\s+(?=\p{N})|\s+(?!\S)|\s+""")
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
                   r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# Qwen2, Qwen2.5 and Qwen3: Llama 3's regex with single digits (llama.cpp's "qwen2", and the
+# Split regex of their tokenizer.json).
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 PATTERNS = {"gpt-2": GPT2_PATTERN, "gpt2": GPT2_PATTERN, "smollm": SMOLLM_PATTERN,
-            "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN}
+            "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
 
 
 @cache

