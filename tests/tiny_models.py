@@ -42,6 +42,11 @@ FAMILIES = {
 }
 
 
+# The tokenizer style (tests/tiny_tokenizers.py) each family's models use.
+TOKENIZER_STYLE = {"llama": "qwen2", "mistral": "phi3", "qwen2": "qwen2", "qwen3": "qwen2", "gemma2": "gemma",
+                   "gemma3": "gemma", "phi3": "phi3"}
+
+
 def build(family: str, directory: Path, vocab_size: int = 512, **overrides) -> torch.nn.Module:
     """A random model of the family, saved to directory; returns transformers' model."""
     config_cls, model_cls, options = FAMILIES[family]
@@ -141,3 +146,26 @@ def write_gguf(family: str, model: torch.nn.Module, path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def build_with_tokenizer(family: str, directory: Path, **overrides) -> tuple[torch.nn.Module, object, dict]:
+    """A servable model directory: the family's tiny model with a tokenizer in its style.
+    Returns transformers' model, the `tokenizers` tokenizer and its info (eos, bos)."""
+    from tiny_tokenizers import save_tokenizer
+
+    tokenizer, info = save_tokenizer(TOKENIZER_STYLE[family], directory)
+    model = build(family, directory, vocab_size=tokenizer.get_vocab_size(), eos_token_id=info["eos"],
+                  bos_token_id=info["bos"], **overrides)
+    return model, tokenizer, info
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="write a tiny random model of a family, with a tokenizer in "
+                                                 "its style, as a Hugging Face directory")
+    parser.add_argument("family", choices=list(FAMILIES))
+    parser.add_argument("directory", type=Path)
+    args = parser.parse_args()
+    model, _, _ = build_with_tokenizer(args.family, args.directory)
+    print(f"wrote {args.directory}: {args.family}, {sum(p.numel() for p in model.parameters())} parameters")
