@@ -130,7 +130,8 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _model_names(tensor_name: str, path: Path) -> list[str]:
-    """The model's names for a GGUF tensor: two for Phi-3's fused gate and up."""
+    """The model's names for a GGUF tensor: three for a fused qkv (Phi-3's fused gate and up
+    is named as up here; _placed splits it)."""
     parts = tensor_name.split(".")
     if parts[0] == "blk" and len(parts) == 4:
         if parts[2] == "attn_qkv":
@@ -147,7 +148,9 @@ def _row_order(tensor_name: str, rows: int, config: ModelConfig) -> np.ndarray |
     llama.cpp permutes only the Llama architecture's)."""
     kind = tensor_name.split(".")[-2]
     heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}.get(kind)
-    return None if heads is None or config.architecture not in ("llama", "mistral") else _unpermute(np.arange(rows), heads)
+    if heads is None or config.architecture not in ("llama", "mistral"):
+        return None
+    return _unpermute(np.arange(rows), heads)
 
 
 def _split_rows(tensor_name: str, rows: int, config: ModelConfig) -> list[int] | None:
