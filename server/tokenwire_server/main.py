@@ -175,7 +175,7 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
     eng.add_argument("--batch-invariant", action="store_true",
                      help="a request's tokens and logprobs do not depend on what else is in the batch "
                           "(slower; see the README)")
-    eng.add_argument("--single-thread-rows", type=int, default=8,
+    eng.add_argument("--single-thread-rows", type=int, default=4,
                      help="steps of at most this many tokens run on one CPU thread (small operations lose "
                           "more to thread synchronisation than they gain; 0: always --threads)")
     eng.add_argument("--int4-max-rows", type=int, default=8,

@@ -86,7 +86,7 @@ class EngineConfig:
     # layers, CPU, bfloat16/float16 compute; float32 stays on the dequantized weights). 0: off.
     int4_max_rows: int = 8
     # Steps of at most this many token rows run on one CPU thread (0: always all threads).
-    single_thread_rows: int = 8
+    single_thread_rows: int = 4
     # A request's tokens and logprobs do not depend on what else is in the batch: no kernel
     # it meets changes with the step's size (model/linear.py, kv_cache.tiled_attention, the
     # 4-bit kernel at every size). Costs speed; see the README.
