@@ -4,8 +4,6 @@ streams decoding), through a real server in its default dtype."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +15,7 @@ import pytest
 
 from tokenwire import Client
 
-from .test_hardening import free_ports, health_status
+from .server_process import server_process
 
 SUBJECTS = ["the sea", "Paris", "cats", "prime numbers", "the moon", "music", "bread", "a city", "a date", "chess"]
 # Structured output: constrained rows in the batch keep the mode's promise too.
@@ -29,27 +27,9 @@ CONSTRAINED = {7: dict(json_schema={"type": "object", "properties": {"name": {"t
 
 @pytest.fixture(scope="module")
 def invariant_server(model_path, tmp_path_factory):
-    port, = free_ports(1)
     log_path = tmp_path_factory.mktemp("invariant") / "server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tokenwire_server.main", "serve", "--model", str(model_path), "--host",
-             "127.0.0.1", "--port", str(port), "--batch-invariant", "--http-port", "0"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    address = f"127.0.0.1:{port}"
-    try:
-        end = time.monotonic() + 180
-        while health_status(address, "") != "SERVING":
-            assert process.poll() is None and time.monotonic() < end, log_path.read_text()
-            time.sleep(0.1)
+    with server_process(model_path, log_path, "--batch-invariant") as address:
         yield address
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 def subject(client: Client, i: int):

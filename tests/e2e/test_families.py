@@ -4,11 +4,8 @@ transformers' greedy tokens and Score its logprobs, and ModelInfo names the fami
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,29 +13,8 @@ from tiny_models import FAMILIES, build, build_with_tokenizer
 from tiny_tokenizers import save_tokenizer
 
 from tokenwire import Client
-from tokenwire.errors import TokenwireError
 
-from .test_replicas import free_ports
-
-def start(model_dir, log_path) -> tuple[subprocess.Popen, str]:
-    port, health = free_ports(2)
-    log = open(log_path, "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tokenwire_server.main", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--health-port", str(health), "--http-port", "0", "--metrics-port", "0",
-         "--dtype", "float32", "--threads", "1", "--kv-cache-tokens", "4096"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    address = f"127.0.0.1:{port}"
-    with Client(address) as c:
-        end = time.monotonic() + 120
-        while True:
-            assert process.poll() is None and time.monotonic() < end, log_path.read_text()
-            try:
-                if c.health(timeout=1) == "SERVING":
-                    return process, address
-            except TokenwireError:
-                pass
-            time.sleep(0.2)
+from .server_process import server_process
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -50,16 +26,9 @@ def served_family(request, tmp_path_factory):
     extra = {"original_max_position_embeddings": 256} if family == "phi3" else {}
     model, reference_tokenizer, info = build_with_tokenizer(family, directory, **extra)
     eos_ids = info["eos"]
-    process, address = start(directory, directory / "server.log")
-    try:
-        with Client(address, timeout=60) as client:
-            yield family, model, reference_tokenizer, eos_ids, client
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    with server_process(directory, directory / "server.log", "--dtype", "float32", "--threads", "1",
+                        "--kv-cache-tokens", "4096") as address, Client(address, timeout=60) as client:
+        yield family, model, reference_tokenizer, eos_ids, client
 
 
 TEXT = "Hello world! 12345 naïve café, 中文 🎉 <|im_start|> <start_of_turn>"
