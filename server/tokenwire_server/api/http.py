@@ -174,6 +174,14 @@ class HttpApi:
                 raise InvalidArgument("body", f"more than {MAX_RECEIVE_BYTES} bytes")
         return await offload.prepare(_parse, bytes(data))
 
+    async def _object_for_model(self, request: Request) -> dict:
+        """A body that must be a JSON object naming this server's model, or none."""
+        body = await self._json(request)
+        if not isinstance(body, dict):
+            raise InvalidArgument("body", "must be a JSON object")
+        self._model(body.get("model"))
+        return body
+
     def _model(self, name: str | None) -> None:
         served = self.servicer.engine.engine.name
         if name is not None and name != served:
@@ -199,10 +207,7 @@ class HttpApi:
 
     async def tokenize(self, request: Request) -> Response:
         async def work(request, call):
-            body = await self._json(request)
-            if not isinstance(body, dict):
-                raise InvalidArgument("body", "must be a JSON object")
-            self._model(body.get("model"))
+            body = await self._object_for_model(request)
             llm = self.servicer.engine.engine
             if "messages" in body:  # a chat, rendered with the model's template
                 parsed = openai.chat({"messages": body["messages"]})
@@ -224,10 +229,7 @@ class HttpApi:
 
     async def detokenize(self, request: Request) -> Response:
         async def work(request, call):
-            body = await self._json(request)
-            if not isinstance(body, dict):
-                raise InvalidArgument("body", "must be a JSON object")
-            self._model(body.get("model"))
+            body = await self._object_for_model(request)
             ids = openai.token_ids(body.get("tokens"), "tokens")
             data, _ = await self.servicer.ready_text_workers().call(text_workers.detokenize,
                                                                     pb.DetokenizeRequest(ids=ids))
