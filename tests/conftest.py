@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Servers that tests start skip torch.compile's start-up compile (30 s to 2 min each); the tests
+# of compiled decoding turn it on themselves.
+os.environ.setdefault("TOKENWIRE_COMPILE_MAX_ROWS", "0")
 
 from tokenwire_server import registry
 

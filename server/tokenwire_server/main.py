@@ -73,7 +73,8 @@ def cmd_serve(args) -> None:
                           max_batched_tokens=args.max_batched_tokens, max_queued=args.max_queued_requests,
                           queue_timeout=args.queue_timeout, prefix_caching=not args.no_prefix_caching,
                           max_model_len=args.max_model_len, int4_max_rows=args.int4_max_rows,
-                          single_thread_rows=args.single_thread_rows, batch_invariant=args.batch_invariant)
+                          single_thread_rows=args.single_thread_rows, batch_invariant=args.batch_invariant,
+                          compile_max_rows=args.compile_max_rows)
     asyncio.run(serve(model_path, host=args.host, port=args.port, dtype=args.dtype,
                       device=args.device, name=args.model if args.model in registry.REGISTRY else "",
                       limits=limits, engine_config=config, drain_timeout=args.drain_timeout,
@@ -182,6 +183,10 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
                      help="steps of at most this many tokens multiply with the checkpoint's 4-bit weights as "
                           "stored (Q4_0/Q4_1 GGUF layers, CPU, bfloat16 or float16); larger steps use the "
                           "dequantized weights (0: always)")
+    eng.add_argument("--compile-max-rows", type=int, default=8,
+                     help="decode steps of at most this many sequences run a forward compiled by torch.compile "
+                          "at start-up (readiness waits for it: about 30 s with a warm compile cache, 2 min "
+                          "without; eager where no C++ compiler is found; 0: off)")
     env_defaults(p, environ)
     p.set_defaults(func=cmd_serve)
 

@@ -11,6 +11,7 @@ from gguf.quants import dequantize, quantize
 from tokenwire_server.engine import LLMEngine, SamplingParams
 from tokenwire_server.engine.llm_engine import EngineConfig
 from tokenwire_server.model.int4 import Int4Linear, Q4Weight, unpack
+from tokenwire_server.model.int8 import Int8Linear
 from tokenwire_server.model.linear import batch_invariant
 from tokenwire_server.model.loader import load_model
 
@@ -79,8 +80,12 @@ def test_batch_invariant_steps_take_the_4bit_kernel_at_every_size_and_rows_keep_
 def test_bfloat16_engine_uses_4bit_weights(model_path, engine):
     bf16 = LLMEngine.from_checkpoint(model_path, dtype="bfloat16", config=EngineConfig(kv_cache_tokens=1024))
     model = bf16.runner.model
-    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 30 * 7  # Q4_1 layers; Q8_0 head stays
-    assert isinstance(model.output, torch.nn.Linear)
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 30 * 7  # Q4_1 layers
+    # The head, tied to the Q8_0 embedding, keeps its 8-bit blocks: exactly the file's weights
+    # (float32 dequantizes them exactly; bfloat16 rounds some).
+    assert isinstance(model.output, Int8Linear) and model.output.weight is model.tok_embeddings.weight
+    stored = (model.output.codes.float() * model.output.scale).flatten(1)
+    assert torch.equal(stored, engine.runner.model.output.weight)
     assert not any(isinstance(m, Int4Linear) for m in engine.runner.model.modules())  # float32: off
     ids = engine.tokenizer.encode("The capital of France is")
     params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, top_n=3)

@@ -91,6 +91,9 @@ class EngineConfig:
     # it meets changes with the step's size (model/linear.py, kv_cache.tiled_attention, the
     # 4-bit kernel at every size). Costs speed; see the README.
     batch_invariant: bool = False
+    # Decode-only steps of at most this many sequences run a torch.compile'd forward, compiled
+    # when the engine is built (0: every step eager). Falls back to eager where it cannot compile.
+    compile_max_rows: int = 0
 
 
 class LLMEngine:
@@ -98,6 +101,8 @@ class LLMEngine:
                  config: EngineConfig = EngineConfig()):
         self.runner = ModelRunner(model, device, dtype, config.kv_cache_tokens, config.block_size,
                                   config.single_thread_rows, config.batch_invariant)
+        if config.compile_max_rows:
+            self.runner.compile_decode(config.compile_max_rows)
         self.tokenizer = tokenizer
         self.config = model.config
         self.engine_config = config

@@ -3,6 +3,7 @@ cache's memory; which slots belong to whom comes from the scheduler's sequences.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ from ..model import linear
 from ..model.kv_cache import KEY_TILE, AttentionMetadata, KVCache, Segment
 from .scheduler import ScheduledSequence
 
+log = logging.getLogger(__name__)
+RECOMPILE = "Detected recompile"  # torch's message under the fail_on_recompile stance
 
 @dataclass(frozen=True)
 class LogitsSpan:
@@ -37,6 +40,8 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = max(1, kv_cache_tokens // block_size)
         self.cache = KVCache(c.n_layers, self.num_blocks * block_size, c.n_kv_heads, c.head_dim, dtype, device)
+        self.compiled = None  # the forward of small decode-only steps, compiled (compile_decode)
+        self.compiled_rows = 0
 
     @property
     def n_params(self) -> int:
@@ -77,15 +82,8 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), num_decodes=len(decode_rows),
                                  cache=self.cache, key_tile=self.key_tile)
         if decode_rows:
-            lengths = torch.tensor([n for _, n in decode_rows], device=dev)
-            S = self._key_count(int(lengths.max()))
-            # A shorter row's padded positions repeat its last key: masked out, they still
-            # must hold numbers (probability 0 x NaN is NaN), and unwritten slots may not.
-            pos = torch.minimum(torch.arange(S, device=dev)[None], lengths[:, None] - 1)
-            tables = self._tables([s for s, _ in decode_rows])
-            meta.decode_key_slots = tables.gather(1, pos // bs) * bs + pos % bs
-            meta.decode_mask = (torch.arange(S, device=dev)[None] < lengths[:, None])[:, None]
-            meta.decode_positions = lengths - 1
+            self._decode_metadata(meta, torch.tensor([n for _, n in decode_rows], device=dev),
+                                  self._tables([s for s, _ in decode_rows]))
         for row, n, seq, start in segments:
             K = self._key_count(start + n)
             # Padded positions repeat the last key, as for decode rows above.
@@ -95,13 +93,79 @@ class ModelRunner:
             key_pos = torch.arange(K, device=dev)
             mask = (key_pos[None] <= q_pos[:, None])[None, None]
             meta.segments.append(Segment(row, row + n, key_slots, mask, q_pos, key_pos))
+        inputs = (torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), meta,
+                  torch.tensor(wanted, dtype=torch.long, device=dev))
+        if self.compiled is not None and not segments and len(decode_rows) <= self.compiled_rows:
+            logits = self._run_compiled(inputs)
+            if logits is not None:
+                return logits, spans
         with self._threads_for(len(tokens)), linear.batch_invariant(self.batch_invariant):
-            logits = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), meta,
-                                torch.tensor(wanted, dtype=torch.long, device=dev))
+            logits = self.model(*inputs)
         return logits, spans
 
+    def _decode_metadata(self, meta: AttentionMetadata, lengths: torch.Tensor, tables: torch.Tensor) -> None:
+        """Fill in which slots decode rows of `lengths` keys (block tables (D, max_blocks)) read."""
+        dev, bs = self.device, self.block_size
+        S = self._key_count(int(lengths.max()))
+        # A shorter row's padded positions repeat its last key: masked out, they still
+        # must hold numbers (probability 0 x NaN is NaN), and unwritten slots may not.
+        pos = torch.minimum(torch.arange(S, device=dev)[None], lengths[:, None] - 1)
+        meta.decode_key_slots = tables.gather(1, pos // bs) * bs + pos % bs
+        meta.decode_mask = (torch.arange(S, device=dev)[None] < lengths[:, None])[:, None]
+        meta.decode_positions = lengths - 1
+
+    def compile_decode(self, max_rows: int) -> bool:
+        """Compile the forward of decode-only steps of at most `max_rows` rows (torch.compile),
+        and run it now for each shape it specialises on, so that no request waits for a
+        compile. Small steps gain most: the compiled forward fuses the ~25 small operations of
+        each layer and reads attention's keys in place. Returns False, leaving every step eager,
+        where it cannot compile (no C++ compiler, an unsupported device...)."""
+        if self.batch_invariant or max_rows < 1:
+            return False  # batch invariance is argued for the eager kernels
+        compiled = torch.compile(self.model, dynamic=True)
+        try:
+            with torch.inference_mode():
+                self._warm(self.model, 1, keys=17)  # eagerly first: lazy state (rotary tables) is built
+                # One row is its own graph (torch specialises sizes of 1); 2..max_rows share
+                # one. Key counts differ from the row counts so that no size is tied to another.
+                for rows in sorted({1, min(2, max_rows)}):
+                    self._warm(compiled, rows, keys=17)
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    self._warm(compiled, max_rows, keys=23)  # no new graph for other sizes
+        except Exception as e:  # noqa: BLE001: whatever stops the compiler, serving goes on eagerly
+            log.warning("decoding without torch.compile: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return False
+        self.compiled, self.compiled_rows = compiled, max_rows
+        return True
+
+    def _warm(self, compiled, rows: int, keys: int) -> None:
+        """One decode step of `rows` rows with `keys` keys each, through block 0's slots (nothing
+        is cached before serving starts, and a sequence writes a slot before reading it)."""
+        dev = self.device
+        meta = AttentionMetadata(slot_mapping=torch.zeros(rows, dtype=torch.long, device=dev), num_decodes=rows,
+                                 cache=self.cache)
+        tables = torch.zeros(rows, -(-keys // self.block_size), dtype=torch.long, device=dev)
+        self._decode_metadata(meta, torch.full((rows,), keys, device=dev), tables)
+        tokens = torch.zeros(rows, dtype=torch.long, device=dev)
+        with self._threads_for(rows, compiled=True), linear.batch_invariant(False):
+            compiled(tokens, meta.decode_positions.clone(), meta, torch.arange(rows, device=dev))
+
+    def _run_compiled(self, inputs) -> torch.Tensor | None:
+        """The compiled forward's logits, or None if this step would need a new graph (a shape
+        the warm-up did not foresee): then the step runs eagerly, and no request compiles."""
+        try:
+            # batch_invariant(False) as in the warm-up: the graphs guard on that flag.
+            with self._threads_for(inputs[0].shape[0], compiled=True), linear.batch_invariant(False), \
+                    torch.compiler.set_stance("fail_on_recompile"):
+                return self.compiled(*inputs)
+        except RuntimeError as e:
+            if RECOMPILE not in str(e):
+                raise
+            log.debug("a decode step ran eagerly: %s", e)
+            return None
+
     @contextmanager
-    def _threads_for(self, rows: int):
+    def _threads_for(self, rows: int, compiled: bool = False):
         """Steps of a few rows run on one CPU thread: their operations are too small to gain
         from more, and every parallel region waits for its slowest thread, which costs most
         when other work (the gRPC loop, a client) shares the cores. Measured through the
@@ -113,7 +177,8 @@ class ModelRunner:
         # its first parallel op. So every step sets this engine's own count (never one read
         # back), and a small step restores it after: another engine in the process, or a
         # thread that set its own, cannot change the threads this engine's steps run on.
-        torch.set_num_threads(1 if rows <= self.single_thread_rows else self.threads)
+        # Compiled steps run few enough parallel regions to gain from every thread.
+        torch.set_num_threads(1 if rows <= self.single_thread_rows and not compiled else self.threads)
         try:
             yield
         finally:

@@ -13,6 +13,7 @@ from ..errors import CheckpointError
 from ..checkpoint_files import metadata
 from ..progress import progress
 from .config import ModelConfig
+from . import int8
 from .int4 import Q4Weight, unpack
 
 # Types checked against the reference; gguf.quants dequantizes others as well.
@@ -201,4 +202,13 @@ def read_q4(reader: GGUFReader, config: ModelConfig, path: Path) -> dict[str, Q4
         kind = GGMLQuantizationType(t.tensor_type).name
         if kind in ("Q4_0", "Q4_1") and t.data.ndim == 2 and t.name not in _CONFIG_TENSORS:
             out.update(_placed(t.name, unpack(np.asarray(t.data), kind), config, path))
+    return out
+
+
+def read_q8(reader: GGUFReader, config: ModelConfig, path: Path) -> dict[str, int8.Q8Weight]:
+    """The Q8_0 tensors as 8-bit codes and scales, under the model's parameter names."""
+    out = {}
+    for t in reader.tensors:
+        if t.tensor_type == GGMLQuantizationType.Q8_0 and t.data.ndim == 2 and t.name not in _CONFIG_TENSORS:
+            out.update(_placed(t.name, int8.unpack(np.asarray(t.data)), config, path))
     return out

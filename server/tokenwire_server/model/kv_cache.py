@@ -102,7 +102,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, met
     if meta.key_tile:
         _tiled(q, k_cache, v_cache, meta, decode_mask, segment_masks, scale, softcap, out)
         return out
-    if D:
+    if D and torch.compiler.is_compiling():
+        out[:D] = _fused_decode(q[:D], k_cache, v_cache, meta, decode_mask, scale, softcap)
+    elif D:
         # One query per row: plain 3-D batched matmuls, one batch entry per (kv head, row),
         # with the query heads that share a kv head as its rows. About 7x faster than the
         # fused kernel in bfloat16 on CPU, and 4-D matmuls over strided batches are slower
@@ -141,6 +143,23 @@ def _capped_attention(q, keys, values, mask, scale: float, softcap: float) -> to
     keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
     scores = _capped((q @ keys.transpose(-1, -2)).float() * scale, softcap).masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1).to(q.dtype) @ values
+
+
+def _fused_decode(q, k_cache, v_cache, meta, decode_mask, scale, softcap):
+    """Decode rows written elementwise, for the compiler: it fuses the slot gather, products,
+    softmax and weighted sum into loops that read the cache in place."""
+    D, nh, hd = q.shape
+    nkv = k_cache.shape[0]
+    g = nh // nkv
+    slots = meta.decode_key_slots  # (D, S)
+    keys = k_cache[:, slots]  # (nkv, D, S, hd)
+    values = v_cache[:, slots]
+    qf = q.view(D, nkv, g, hd).transpose(0, 1).float()  # (nkv, D, g, hd)
+    scores = (qf[:, :, :, None, :] * keys[:, :, None].float()).sum(-1) * scale  # (nkv, D, g, S)
+    scores = _capped(scores, softcap).masked_fill(~decode_mask[None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    y = (probs[..., None] * values[:, :, None].float()).sum(-2)  # (nkv, D, g, hd)
+    return y.transpose(0, 1).reshape(D, nh, hd).to(q.dtype)
 
 
 def _decode_keys(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

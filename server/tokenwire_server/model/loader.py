@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..checkpoint_files import open_gguf
-from . import gguf_loader, int4, safetensors_loader
+from . import gguf_loader, int4, int8, safetensors_loader
 from .config import DECODER_FAMILIES, ModelConfig
 from .gpt2 import GPT2
 from .decoder import Decoder
@@ -43,7 +43,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
                max_context: int | None = None) -> nn.Module:
     """reader: an already opened GGUFReader of `path`, to avoid indexing the file twice.
     int4_max_rows > 0: on CPU, layers stored as Q4_0/Q4_1 multiply batches of at most that
-    many rows with their 4-bit weights as stored (see int4.py). max_context: serve a shorter
+    many rows with their 4-bit weights as stored (see int4.py), and Q8_0 layers multiply single
+    rows in compiled steps with their 8-bit weights (int8.py). max_context: serve a shorter
     context than the model was trained for (Phi-3's rotary factors depend on it)."""
     path = Path(path)
     hf = checkpoint_kind(path) == "hf"
@@ -61,6 +62,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
     model = build_model(config, weights, path)
     if int4_max_rows > 0 and not hf and torch.device(device).type == "cpu":
         int4.attach(model, gguf_loader.read_q4(reader, config, path), int4_max_rows)
+        # A tied head multiplies with the embedding's stored blocks.
+        tied = {"output.weight": "tok_embeddings.weight"} if config.tie_embeddings else {}
+        int8.attach(model, gguf_loader.read_q8(reader, config, path), tied)
     return model.to(device).eval().requires_grad_(False)
 
 
