@@ -166,7 +166,7 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
                      help="KV cache capacity in tokens, allocated at start (memory: tokens x 2 x layers x kv heads "
                           "x head dim x dtype size)")
     eng.add_argument("--max-num-seqs", type=int, default=64, help="sequences running in one batch")
-    eng.add_argument("--max-batched-tokens", type=int, default=512,
+    eng.add_argument("--max-batched-tokens", type=int, default=256,
                      help="tokens computed per step; long prompts are prefilled in chunks under it")
     eng.add_argument("--max-queued-requests", type=int, default=256,
                      help="waiting requests; beyond it new ones fail at once with RESOURCE_EXHAUSTED")
@@ -183,10 +183,9 @@ def build_parser(environ=os.environ) -> argparse.ArgumentParser:
                      help="steps of at most this many tokens multiply with the checkpoint's 4-bit weights as "
                           "stored (Q4_0/Q4_1 GGUF layers, CPU, bfloat16 or float16); larger steps use the "
                           "dequantized weights (0: always)")
-    eng.add_argument("--compile-max-rows", type=int, default=8,
+    eng.add_argument("--compile-max-rows", type=int, default=64,
                      help="decode steps of at most this many sequences run a forward compiled by torch.compile "
-                          "at start-up (readiness waits for it: about 30 s with a warm compile cache, 2 min "
-                          "without; eager where no C++ compiler is found; 0: off)")
+                          "at start-up (readiness waits for it; eager where no C++ compiler is found; 0: off)")
     env_defaults(p, environ)
     p.set_defaults(func=cmd_serve)
 

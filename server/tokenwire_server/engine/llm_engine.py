@@ -77,7 +77,7 @@ class EngineConfig:
     kv_cache_tokens: int = 65536  # KV cache capacity, fixed at start
     block_size: int = 16
     max_num_seqs: int = 64  # running at once
-    max_batched_tokens: int = 512  # tokens computed per step (decodes + prompt chunks)
+    max_batched_tokens: int = 256  # tokens computed per step (decodes + prompt chunks)
     max_queued: int = 256  # waiting; beyond it requests fail at once
     queue_timeout: float | None = None
     prefix_caching: bool = True

@@ -4,6 +4,7 @@ cache's memory; which slots belong to whom comes from the scheduler's sequences.
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class ModelRunner:
         self.cache = KVCache(c.n_layers, self.num_blocks * block_size, c.n_kv_heads, c.head_dim, dtype, device)
         self.compiled = None  # the forward of small decode-only steps, compiled (compile_decode)
         self.compiled_rows = 0
+        self.compiled_steps = self.eager_fallbacks = 0  # steps run compiled; steps that would have recompiled
 
     @property
     def n_params(self) -> int:
@@ -122,20 +124,23 @@ class ModelRunner:
         where it cannot compile (no C++ compiler, an unsupported device...)."""
         if self.batch_invariant or max_rows < 1:
             return False  # batch invariance is argued for the eager kernels
+        start = time.monotonic()
         compiled = torch.compile(self.model, dynamic=True)
         try:
             with torch.inference_mode():
                 self._warm(self.model, 1, keys=17)  # eagerly first: lazy state (rotary tables) is built
-                # One row is its own graph (torch specialises sizes of 1); 2..max_rows share
-                # one. Key counts differ from the row counts so that no size is tied to another.
-                for rows in sorted({1, min(2, max_rows)}):
-                    self._warm(compiled, rows, keys=17)
-                with torch.compiler.set_stance("fail_on_recompile"):
-                    self._warm(compiled, max_rows, keys=23)  # no new graph for other sizes
+                # One row is its own graph (torch specialises sizes of 1); the others share one,
+                # or two when the 4-bit layers' row limit falls between 2 and max_rows. Key
+                # counts differ from every row count, so that no size is tied to another.
+                for rows, keys in ((1, 17), (2, 19), (max_rows, 23)):
+                    if rows <= max_rows:
+                        self._warm(compiled, rows, keys)
         except Exception as e:  # noqa: BLE001: whatever stops the compiler, serving goes on eagerly
             log.warning("decoding without torch.compile: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
             return False
         self.compiled, self.compiled_rows = compiled, max_rows
+        log.info("compiled the forward of decode steps of up to %d sequences in %.1f s", max_rows,
+                 time.monotonic() - start)
         return True
 
     def _warm(self, compiled, rows: int, keys: int) -> None:
@@ -157,12 +162,15 @@ class ModelRunner:
             # batch_invariant(False) as in the warm-up: the graphs guard on that flag.
             with self._threads_for(inputs[0].shape[0], compiled=True), linear.batch_invariant(False), \
                     torch.compiler.set_stance("fail_on_recompile"):
-                return self.compiled(*inputs)
+                logits = self.compiled(*inputs)
         except RuntimeError as e:
             if RECOMPILE not in str(e):
                 raise
+            self.eager_fallbacks += 1
             log.debug("a decode step ran eagerly: %s", e)
             return None
+        self.compiled_steps += 1
+        return logits
 
     @contextmanager
     def _threads_for(self, rows: int, compiled: bool = False):

@@ -102,7 +102,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, met
     if meta.key_tile:
         _tiled(q, k_cache, v_cache, meta, decode_mask, segment_masks, scale, softcap, out)
         return out
-    if D and torch.compiler.is_compiling():
+    if D == 1 and torch.compiler.is_compiling():
         out[:D] = _fused_decode(q[:D], k_cache, v_cache, meta, decode_mask, scale, softcap)
     elif D:
         # One query per row: plain 3-D batched matmuls, one batch entry per (kv head, row),
@@ -147,7 +147,9 @@ def _capped_attention(q, keys, values, mask, scale: float, softcap: float) -> to
 
 def _fused_decode(q, k_cache, v_cache, meta, decode_mask, scale, softcap):
     """Decode rows written elementwise, for the compiler: it fuses the slot gather, products,
-    softmax and weighted sum into loops that read the cache in place."""
+    softmax and weighted sum into loops that read the cache in place. Pays for one row only
+    (compiled steps, medians of 20: 1 row 12.8 ms against 14.8 with the matmuls below; 8 rows
+    33 to 47 ms against 26 to 28: the generated loops reread keys for every query head)."""
     D, nh, hd = q.shape
     nkv = k_cache.shape[0]
     g = nh // nkv
