@@ -1,7 +1,7 @@
 """Where a decode step's time goes, at batch 1 and batch 32: the engine as the server runs it
 (default model, bfloat16, 4-bit layers for small steps), B sequences decoding together.
 
-    .venv/bin/python tests/benchmarks/step_profile.py [--batches 1 32] [--steps 40] [--top 15]
+    .venv/bin/python tests/benchmarks/step_profile.py [--batches 1 32] [--steps 40] [--top 15] [--compile-max-rows 64]
 
 Prints, per batch size: the median step time and its parts (schedule, model, sample, the
 rest of the engine's bookkeeping), then torch.profiler's operators by self CPU time over a
@@ -35,9 +35,10 @@ class Timed:
             self.times.append(time.perf_counter() - start)
 
 
-def decoding_engine(path, batch: int, dtype: str) -> LLMEngine:
+def decoding_engine(path, batch: int, dtype: str, compile_max_rows: int = 0) -> LLMEngine:
     engine = LLMEngine.from_checkpoint(path, dtype=dtype, device="cpu",
-                                       config=EngineConfig(kv_cache_tokens=65536, prefix_caching=False))
+                                       config=EngineConfig(kv_cache_tokens=65536, prefix_caching=False,
+                                                           compile_max_rows=compile_max_rows))
     for i in range(batch):
         prompt = engine.tokenizer.encode(f"Request {i}: tell me a long story about the sea and the sky.")
         engine.add_request(EngineRequest(str(i), tuple(prompt), SamplingParams(
@@ -71,10 +72,11 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--compile-max-rows", type=int, default=64, help="as the server's flag (0: eager steps)")
     args = ap.parse_args()
     path = registry.resolve(registry.DEFAULT_MODEL)
     for batch in args.batches:
-        engine = decoding_engine(path, batch, args.dtype)
+        engine = decoding_engine(path, batch, args.dtype, args.compile_max_rows)
         measure(engine, 5)  # warm
         t = measure(engine, args.steps)
         print(f"\n== batch {batch}: step {t['step'] * 1e3:.2f} ms ({batch / t['step']:.1f} tok/s): model "
