@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+from gguf import TokenType
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
 from ..errors import CheckpointError
@@ -15,8 +16,6 @@ from .offsets import Span, offset_spans, token_spans
 
 SPACE = "\u2581"  # '▁', SentencePiece's space
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-# GGUF tokenizer.ggml.token_type values (SentencePiece's piece types)
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 # Rust's char::is_whitespace, which an added token's lstrip/rstrip strips (Python's isspace
 # also takes \x1c-\x1f).
@@ -200,15 +199,16 @@ def from_gguf_vocab(tokens: list[str], scores: list[float] | None, types: list[i
     if merges:
         pairs = [tuple(m.split(" ", 1)) for m in merges]
     else:
-        pairs = sentencepiece_merges(tokens, scores, [t in (NORMAL, USER_DEFINED) for t in types])
-    unk = next((tokens[i] for i, t in enumerate(types) if t == UNKNOWN), None)
+        mergeable = [t in (TokenType.NORMAL, TokenType.USER_DEFINED) for t in types]
+        pairs = sentencepiece_merges(tokens, scores, mergeable)
+    unk = next((tokens[i] for i, t in enumerate(types) if t == TokenType.UNKNOWN), None)
     tok = Tokenizer(models.BPE(vocab, pairs, unk_token=unk, fuse_unk=True, byte_fallback=True))
     replace = normalizers.Replace(" ", SPACE)
     tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), replace]) if add_space_prefix else replace
     steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if add_space_prefix else steps)
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                            for i, t in enumerate(types) if t == CONTROL and vocab.get(tokens[i]) == i])
+                            for i, t in enumerate(types) if t == TokenType.CONTROL and vocab.get(tokens[i]) == i])
     tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                    for i, t in enumerate(types) if t == USER_DEFINED and vocab.get(tokens[i]) == i])
+                    for i, t in enumerate(types) if t == TokenType.USER_DEFINED and vocab.get(tokens[i]) == i])
     return SentencePieceBackend(tok.to_str(), "GGUF vocabulary")

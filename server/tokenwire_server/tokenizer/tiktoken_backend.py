@@ -7,6 +7,7 @@ import unicodedata
 from pathlib import Path
 
 import tiktoken
+from gguf import TokenType
 
 from ..errors import CheckpointError
 from .bpe import GPT2_PATTERN, PATTERNS, SMOLLM_PATTERN, mergeable_ranks
@@ -87,12 +88,12 @@ NFC_PRE = frozenset({"qwen2"})
 
 
 def from_gguf_vocab(name: str, pre: str, tokens: list[str], types: list[int], path: Path) -> TiktokenBackend:
-    """GGUF `tokenizer.ggml.model` "gpt2". Token type 3 (CONTROL) is a control token, 4
-    (USER_DEFINED, like `<think>`) an added token matched in any text, as llama.cpp does."""
+    """GGUF `tokenizer.ggml.model` "gpt2". A CONTROL token is a control token, a USER_DEFINED
+    one (like `<think>`) an added token matched in any text, as llama.cpp does."""
     if pre not in PATTERNS:
         raise CheckpointError(path, f"pre-tokenizer {pre!r} is not supported (supported: {', '.join(PATTERNS)})")
-    added = {tokens[i]: i for i, t in enumerate(types) if t in (3, 4)}
-    special = {tokens[i] for i, t in enumerate(types) if t == 3}
+    added = {tokens[i]: i for i, t in enumerate(types) if t in (TokenType.CONTROL, TokenType.USER_DEFINED)}
+    special = {tokens[i] for i, t in enumerate(types) if t == TokenType.CONTROL}
     return TiktokenBackend(_encoding(name, PATTERNS[pre], enumerate(tokens), added), special, nfc=pre in NFC_PRE)
 
 
