@@ -1,5 +1,5 @@
 """Decode steps through the torch.compile'd forward (ModelRunner.compile_decode): each family's
-attention as the compiler fuses it (one row written elementwise, soft-caps, sliding windows)
+attention as the compiler fuses it (one row's own float32 path, soft-caps, sliding windows)
 gives transformers' logits at every step and every batch size up to the compiled limit, with
 no step needing a graph the warm-up did not make; without a C++ compiler the engine decodes
 eagerly and says why; the 8-bit head's single-row product keeps its float32 accuracy."""
@@ -18,7 +18,7 @@ from gguf.quants import dequantize, quantize
 from tiny_models import WINDOW, build
 from tiny_tokenizers import save_tokenizer
 
-from tokenwire_server.engine import EngineRequest, LLMEngine, SamplingParams
+from tokenwire_server.engine import EngineRequest, LLMEngine, SamplingParams, model_runner
 from tokenwire_server.engine.llm_engine import EngineConfig
 from tokenwire_server.model.int8 import Int8Linear, unpack
 from tokenwire_server.model.loader import load_model
@@ -49,8 +49,19 @@ def compiled_family(request, tmp_path_factory):
     # Dynamo keeps every model's graphs on the one forward code object, up to its recompile
     # limit: each family starts afresh.
     torch._dynamo.reset()
-    engine = engine_of(load_model(directory), directory, compile_max_rows=ROWS)
+    guards = []  # (guard name, checked on each call), as compile_decode's filter decided
+    decide = model_runner._unchanging_state
+
+    def recording(entries):
+        keep = decide(entries)
+        guards.extend((e.name, k) for e, k in zip(entries, keep))
+        return keep
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_runner, "_unchanging_state", recording)
+        engine = engine_of(load_model(directory), directory, compile_max_rows=ROWS)
     assert engine.runner.compiled is not None
+    engine.guards = guards
     yield ref, engine
     torch._dynamo.reset()
 
@@ -106,13 +117,27 @@ def assert_matches_transformers(ref, decoded: Decoded):
 
 
 def test_one_sequence_decodes_compiled_like_transformers(compiled_family):
-    """One row: the elementwise attention (kv_cache._fused_decode), from a few keys to past
-    every sliding window."""
+    """One row: its own attention (kv_cache._one_row_decode), from a few keys to past every
+    sliding window."""
     ref, engine = compiled_family
     decoded = decode(engine, [ids(5, seed=1)], [3 * WINDOW])
     assert decoded.decode_steps == [(1, True)] * (3 * WINDOW - 1)  # the first token comes from the prefill
     assert decoded.eager_fallbacks == 0
     assert_matches_transformers(ref, decoded)
+
+
+def test_calls_check_the_inputs_but_not_the_model_or_the_cache(compiled_family):
+    """The guards dynamo checks before each compiled call: the model's parameters and the KV
+    cache's tensors (fixed while the runner lives) are left out; the step's own inputs, whose
+    shapes pick the graph, are checked. The batch test below shows that the graph picked for
+    each row count is still the right one."""
+    _, engine = compiled_family
+    kept = {name for name, keep in engine.guards if keep}
+    dropped = {name for name, keep in engine.guards if not keep}
+    assert any(name.startswith("self._modules['layers']") for name in dropped)
+    assert any(name.startswith("meta.cache.k[") for name in dropped)
+    assert not any(name.startswith(("self", "meta.cache")) for name in kept)
+    assert {"tokens", "positions", "logits_indices", "meta.decode_key_slots", "meta.decode_mask"} <= kept
 
 
 def test_batches_of_every_size_decode_compiled_like_transformers(compiled_family):
