@@ -34,7 +34,8 @@ def encode(w: np.ndarray, kind: Q, rng) -> np.ndarray:
     return raw.reshape(w.shape[0], -1)
 
 
-def write_gguf(path, kind: Q):
+def write_gguf(path, kind: Q, kinds: dict[str, Q] | None = None):
+    """A tiny Llama GGUF whose matrices are of type `kind`, or kinds[tensor kind] ("attn_v")."""
     rng = np.random.default_rng(0)
     w = GGUFWriter(str(path), "llama")
     for key, value in [("context_length", 128), ("embedding_length", DIM), ("block_count", LAYERS),
@@ -52,7 +53,8 @@ def write_gguf(path, kind: Q):
         if len(shape) == 1:
             w.add_tensor(name, x + 1.0)  # norms stay float32, as in real files
         else:
-            w.add_tensor(name, encode(x, kind, rng), raw_dtype=kind)
+            own = (kinds or {}).get(name.split(".")[-2], kind)
+            w.add_tensor(name, encode(x, own, rng), raw_dtype=own)
 
     w.add_tensor("token_embd.weight", (rng.standard_normal((VOCAB, DIM)) * 0.5).astype(np.float32))
     for i in range(LAYERS):

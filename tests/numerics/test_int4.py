@@ -12,7 +12,7 @@ from tokenwire_server.engine import LLMEngine, SamplingParams
 from tokenwire_server.engine.llm_engine import EngineConfig
 from tokenwire_server.model.int4 import Int4Linear, Q4Weight, unpack
 from tokenwire_server.model.int8 import Int8Linear
-from tokenwire_server.model.linear import batch_invariant
+from tokenwire_server.model.linear import Linear, batch_invariant
 from tokenwire_server.model.loader import load_model
 
 from .test_gguf_types import VOCAB, write_gguf
@@ -36,13 +36,29 @@ def test_int4_model_matches_transformers(tmp_path, kind):
     write_gguf(path, kind)
     ours = load_model(path, torch.float32, int4_max_rows=8)
     linears = [m for m in ours.modules() if isinstance(m, Int4Linear)]
-    assert len(linears) == 2 * 7 + 1  # every Q4 layer and the output head
+    assert len(linears) == 2 * 4 + 1  # every Q4 layer (q, k, v as one; gate, up as one) and the head
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = ref(ids).logits
         got = ours(ids[0], torch.arange(8))[None]  # 8 rows: the int4 kernel everywhere
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_group_with_a_part_not_in_4_bits_multiplies_in_its_float_weights(tmp_path):
+    """q, k and v are one product, so one 8-bit part keeps the whole group off the 4-bit
+    kernel; gate and up of two 4-bit types still join."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "tiny-mixed.gguf"
+    write_gguf(path, Q.Q4_1, kinds={"attn_v": Q.Q8_0, "ffn_up": Q.Q4_0})
+    ours = load_model(path, torch.float32, int4_max_rows=8)
+    for layer in ours.layers:
+        assert type(layer.attention.wqkv) is Linear and isinstance(layer.feed_forward.w13, Int4Linear)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(ids[0], torch.arange(8))[None], ref(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_int4_linear_picks_its_kernel_by_rows():
@@ -80,7 +96,7 @@ def test_batch_invariant_steps_take_the_4bit_kernel_at_every_size_and_rows_keep_
 def test_bfloat16_engine_uses_4bit_weights(model_path, engine):
     bf16 = LLMEngine.from_checkpoint(model_path, dtype="bfloat16", config=EngineConfig(kv_cache_tokens=1024))
     model = bf16.runner.model
-    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 30 * 7  # Q4_1 layers
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 30 * 4  # Q4_1 layers: q, k, v in one, gate and up in one
     # The head, tied to the Q8_0 embedding, keeps its 8-bit blocks: exactly the file's weights
     # (float32 dequantizes them exactly; bfloat16 rounds some).
     assert isinstance(model.output, Int8Linear) and model.output.weight is model.tok_embeddings.weight

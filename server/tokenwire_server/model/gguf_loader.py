@@ -130,17 +130,19 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _model_names(tensor_name: str, path: Path) -> list[str]:
-    """The model's names for a GGUF tensor: three for a fused qkv (Phi-3's fused gate and up
-    is named as up here; _placed splits it)."""
+def _model_name(tensor_name: str, config: ModelConfig, path: Path) -> str:
+    """The model's name for a GGUF tensor."""
     parts = tensor_name.split(".")
     if parts[0] == "blk" and len(parts) == 4:
-        if parts[2] == "attn_qkv":
-            return [f"layers.{parts[1]}.attention.{n}.{parts[3]}" for n in ("wq", "wk", "wv")]
+        layer, kind = f"layers.{parts[1]}", parts[3]
+        if parts[2] == "attn_qkv":  # Phi-3: q, k and v rows in one tensor, as the model holds them
+            return f"{layer}.attention.wqkv.{kind}"
+        if parts[2] == "ffn_up" and config.architecture == "phi3":  # gate rows, then up: the same
+            return f"{layer}.feed_forward.w13.{kind}"
         if parts[2] in _LAYER_NAMES:
-            return [f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"]
+            return f"{layer}.{_LAYER_NAMES[parts[2]]}.{kind}"
     if len(parts) == 2 and parts[0] in _TOP_NAMES:
-        return [f"{_TOP_NAMES[parts[0]]}.{parts[1]}"]
+        return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
     raise CheckpointError(path, f"unexpected tensor {tensor_name}")
 
 
@@ -154,30 +156,11 @@ def _row_order(tensor_name: str, rows: int, config: ModelConfig) -> np.ndarray |
     return _unpermute(np.arange(rows), heads)
 
 
-def _split_rows(tensor_name: str, rows: int, config: ModelConfig) -> list[int] | None:
-    """Row counts of the parts of a fused tensor (None for others)."""
-    kind = tensor_name.split(".")[-2]
-    if kind == "attn_qkv":
-        kv = config.n_kv_heads * config.head_dim
-        return [config.n_heads * config.head_dim, kv, kv]
-    if kind == "ffn_up" and config.architecture == "phi3":  # gate rows, then up rows
-        return [rows // 2, rows // 2]
-    return None
-
-
-def _placed(tensor_name: str, w, config: ModelConfig, path: Path) -> dict:
-    """A tensor's rows (a numpy array or a Q4Weight), reordered or split, under the model's names."""
+def _placed(tensor_name: str, w, config: ModelConfig, path: Path) -> tuple[str, object]:
+    """A tensor (a numpy array, Q4Weight or Q8Weight) with its rows in the model's order, and its
+    name in the model. Separate q, k, v (gate, up) tensors are joined later (fuse_projections)."""
     order = _row_order(tensor_name, w.shape[0], config)
-    if order is not None:
-        w = w[order]
-    names = _model_names(tensor_name, path)
-    sizes = _split_rows(tensor_name, w.shape[0], config)
-    if sizes is None:
-        return {names[0]: w}
-    if len(sizes) == 2:  # Phi-3's ffn_up holds gate then up
-        names = [names[0].replace("feed_forward.w3", "feed_forward.w1"), names[0]]
-    bounds = np.cumsum([0] + sizes)
-    return {n: w[a:b] for n, a, b in zip(names, bounds, bounds[1:])}
+    return _model_name(tensor_name, config, path), w if order is None else w[order]
 
 
 def read_weights(reader: GGUFReader, config: ModelConfig, path: Path,
@@ -190,8 +173,8 @@ def read_weights(reader: GGUFReader, config: ModelConfig, path: Path,
         w = _dequantize(t, path)
         if config.gemma and t.name.endswith("norm.weight"):
             w = w - 1  # llama.cpp's converter stores Gemma's (1 + weight); the model adds the 1
-        for name, part in _placed(t.name, w, config, path).items():
-            weights[name] = torch.from_numpy(np.require(part, requirements=["C", "W"])).to(dtype)
+        name, w = _placed(t.name, w, config, path)
+        weights[name] = torch.from_numpy(np.require(w, requirements=["C", "W"])).to(dtype)
     return weights
 
 
@@ -201,7 +184,8 @@ def read_q4(reader: GGUFReader, config: ModelConfig, path: Path) -> dict[str, Q4
     for t in reader.tensors:
         kind = GGMLQuantizationType(t.tensor_type).name
         if kind in ("Q4_0", "Q4_1") and t.data.ndim == 2 and t.name not in _CONFIG_TENSORS:
-            out.update(_placed(t.name, unpack(np.asarray(t.data), kind), config, path))
+            name, w = _placed(t.name, unpack(np.asarray(t.data), kind), config, path)
+            out[name] = w
     return out
 
 
@@ -210,5 +194,6 @@ def read_q8(reader: GGUFReader, config: ModelConfig, path: Path) -> dict[str, in
     out = {}
     for t in reader.tensors:
         if t.tensor_type == GGMLQuantizationType.Q8_0 and t.data.ndim == 2 and t.name not in _CONFIG_TENSORS:
-            out.update(_placed(t.name, int8.unpack(np.asarray(t.data)), config, path))
+            name, w = _placed(t.name, int8.unpack(np.asarray(t.data)), config, path)
+            out[name] = w
     return out

@@ -36,6 +36,12 @@ class Q4Weight:
         """Some output rows (an index array or a slice), as a numpy array's rows would be."""
         return Q4Weight(self.codes[rows], self.scale[rows], self.minimum[rows])
 
+    @staticmethod
+    def cat(parts: list[Q4Weight]) -> Q4Weight:
+        """The parts' output rows, one after another."""
+        return Q4Weight(np.concatenate([p.codes for p in parts]), np.concatenate([p.scale for p in parts]),
+                        np.concatenate([p.minimum for p in parts]))
+
 
 def unpack(data: np.ndarray, kind: str) -> Q4Weight:
     """Raw GGUF blocks (N, bytes per row) of type Q4_0 or Q4_1 -> codes, scales, minimums."""

@@ -33,6 +33,11 @@ class Q8Weight:
     def __getitem__(self, rows) -> Q8Weight:
         return Q8Weight(self.codes[rows], self.scale[rows])
 
+    @staticmethod
+    def cat(parts: list[Q8Weight]) -> Q8Weight:
+        """The parts' output rows, one after another."""
+        return Q8Weight(np.concatenate([p.codes for p in parts]), np.concatenate([p.scale for p in parts]))
+
 
 def unpack(data: np.ndarray) -> Q8Weight:
     """Raw GGUF Q8_0 blocks (N, bytes per row) -> codes and scales."""

@@ -13,7 +13,7 @@ from ..checkpoint_files import open_gguf
 from . import gguf_loader, int4, int8, safetensors_loader
 from .config import DECODER_FAMILIES, ModelConfig
 from .gpt2 import GPT2
-from .decoder import Decoder
+from .decoder import Decoder, fuse_projections
 
 GGUF_MAGIC = b"GGUF"
 
@@ -59,12 +59,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
         weights = safetensors_loader.read_weights(path, config, dtype)
     else:
         weights = gguf_loader.read_weights(reader, config, path, dtype)
-    model = build_model(config, weights, path)
+    model = build_model(config, fuse_projections(weights, torch.cat), path)
     if int4_max_rows > 0 and not hf and torch.device(device).type == "cpu":
-        int4.attach(model, gguf_loader.read_q4(reader, config, path), int4_max_rows)
+        q4 = fuse_projections(gguf_loader.read_q4(reader, config, path), int4.Q4Weight.cat)
+        int4.attach(model, q4, int4_max_rows)
         # A tied head multiplies with the embedding's stored blocks.
         tied = {"output.weight": "tok_embeddings.weight"} if config.tie_embeddings else {}
-        int8.attach(model, gguf_loader.read_q8(reader, config, path), tied)
+        int8.attach(model, fuse_projections(gguf_loader.read_q8(reader, config, path), int8.Q8Weight.cat), tied)
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -29,6 +29,8 @@ _LAYER = {
     "self_attn.q_norm": "attention.q_norm", "self_attn.k_norm": "attention.k_norm",
     "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
     "mlp.up_proj": "feed_forward.w3",
+    # Phi-3 stores q, k and v rows in one tensor, and gate then up rows in another, as we hold them.
+    "self_attn.qkv_proj": "attention.wqkv", "mlp.gate_up_proj": "feed_forward.w13",
 }
 # Gemma norms both sides of each block, and its post_attention_layernorm is not the others'.
 _GEMMA_LAYER = {**_LAYER, "post_attention_layernorm": "post_attention_norm",
@@ -159,19 +161,6 @@ def _our_name(config: ModelConfig, name: str) -> str | None:
     return None if name.endswith("rotary_emb.inv_freq") else name
 
 
-def _split_fused(config: ModelConfig, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Phi-3 stores q, k and v in one tensor, and gate and up in another."""
-    prefix, _, kind = name.rpartition(".self_attn.qkv_proj.") if ".qkv_proj." in name \
-        else name.rpartition(".mlp.gate_up_proj.")
-    ours = f"layers.{prefix.split('.')[2]}"
-    if ".qkv_proj." in name:
-        q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-        parts = w.split([q, kv, kv])
-        return {f"{ours}.attention.{n}.{kind}": p for n, p in zip(("wq", "wk", "wv"), parts)}
-    gate, up = w.chunk(2)
-    return {f"{ours}.feed_forward.w1.{kind}": gate, f"{ours}.feed_forward.w3.{kind}": up}
-
-
 def read_weights(directory: Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
@@ -182,10 +171,6 @@ def read_weights(directory: Path, config: ModelConfig, dtype: torch.dtype) -> di
             with safe_open(file, framework="pt") as f:
                 names = list(f.keys())
                 for hf_name in progress(names, len(names), f"loading {file.name}"):
-                    if config.architecture == "phi3" and (".qkv_proj." in hf_name or ".gate_up_proj." in hf_name):
-                        for name, w in _split_fused(config, hf_name, f.get_tensor(hf_name)).items():
-                            weights[name] = w.to(dtype).contiguous()
-                        continue
                     name = _our_name(config, hf_name)
                     if name is None:
                         continue
