@@ -1,7 +1,8 @@
 """Llama-shaped decoders: Llama, Mistral, Qwen2/3, Gemma 2/3 and Phi-3. RMSNorm, rotary
 embeddings, grouped-query attention and a gated feed-forward; what sets the families apart
 (biases, q/k norms, Gemma's norms and soft-capping, sliding windows, rotary variants) comes
-from ModelConfig. Checkpoint layouts (fused or permuted tensors) are the loaders' business."""
+from ModelConfig. Checkpoint layouts (permuted rows, Gemma's stored norms) are the loaders'
+business; q, k and v (gate and up) are one product each, joined at load by fuse_projections."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .linear import Linear
 
 
 # Checkpoints mostly store q, k and v (gate and up) as tensors of their own; the model multiplies
-# each group in one product: fewer, larger matmuls (a single-row step: 120 calls, not 210).
+# each group in one product: fewer, larger matmuls (the default model: 120 a step, not 210).
 _FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
           "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
 
