@@ -131,7 +131,7 @@ class ModelRunner:
         and run it now for each shape it specialises on, so that no request waits for a
         compile. The compiled forward fuses the ~25 small operations of each layer and the key
         gathers into few loops (tests/benchmarks/step_profile.py, default model: 1 row 28.2 ->
-        7.6 ms a step, 32 rows 86.7 -> 52.5 ms). Returns False, leaving every step eager, where it
+        7.4 ms a step, 32 rows 86.7 -> 50.4 ms). Returns False, leaving every step eager, where it
         cannot compile (no C++ compiler, an unsupported device...)."""
         if self.batch_invariant or max_rows < 1:
             return False  # batch invariance is argued for the eager kernels
