@@ -96,7 +96,8 @@ def test_batch_invariant_steps_take_the_4bit_kernel_at_every_size_and_rows_keep_
 def test_bfloat16_engine_uses_4bit_weights(model_path, engine):
     bf16 = LLMEngine.from_checkpoint(model_path, dtype="bfloat16", config=EngineConfig(kv_cache_tokens=1024))
     model = bf16.runner.model
-    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 30 * 4  # Q4_1 layers: q, k, v in one, gate and up in one
+    # Q4_1 layers: q, k and v are one, gate and up another
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 30 * 4
     # The head, tied to the Q8_0 embedding, keeps its 8-bit blocks: exactly the file's weights
     # (float32 dequantizes them exactly; bfloat16 rounds some).
     assert isinstance(model.output, Int8Linear) and model.output.weight is model.tok_embeddings.weight
